@@ -1,0 +1,549 @@
+"""Datasets, dense example ids, multi-view batches and their distribution.
+
+Three kinds of data source (see `get_data_source`):
+
+* ``'digits'`` - the embedded default, needs no download: scikit-learn's
+  8x8 digits scaled to uint8, bilinearly upscaled to 32x32 and replicated to
+  RGB, with a fixed stratified 80/20 split into ``'train'`` (1437) and
+  ``'test'`` (360). ``'validation'`` is accepted as an alias of ``'test'`` so
+  that SimCLR's default ``eval_split=validation`` works.
+* a path to an image folder laid out ``<dir>/<split>/<class>/*.jpg``.
+* any other string: a prepared TensorFlow Datasets name (never downloaded at
+  run time).
+
+Every source yields ``{'image': uint8 HxWx3, 'label': int32, 'id': int32}``
+where ``id`` is the example's dense index in ``[0, N)`` for its split,
+stable across runs, epochs, shuffling and hosts (SPEC §6): for digits the
+position in the fixed split, for folders the position in the sorted
+(class, filename) list, for TFDS ``offset[shard] + record`` decoded from the
+``tfds_id`` that ``tfds.ReadConfig(add_tfds_id=True)`` attaches (no rebuild).
+
+`build_input_fn` turns a source into SimCLR-style batches whose image holds
+the V views concatenated on the channel axis (view v = channels 3v..3v+2);
+`distribute` hands it to a `tf.distribute` strategy (one pipeline per host,
+sharded through the `InputContext`).
+"""
+import logging
+import os
+import re
+
+import numpy as np
+import tensorflow as tf
+
+import data_util
+
+DIGITS = 'digits'
+DIGITS_IMAGE_SIZE = 32
+IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp')
+_AUTOTUNE = tf.data.AUTOTUNE
+_KINDS_HELP = (
+    "Use dataset='digits' (embedded, no download), a path to an image folder "
+    "laid out <dir>/<split>/<class>/*.jpg, or the name of a prepared TFDS "
+    "dataset such as 'cifar10' or 'imagenet2012_subset/1pct'.")
+
+
+def _shard_indices(num_examples, input_context):
+  """Dataset of the example indices this input pipeline owns (round robin)."""
+  ds = tf.data.Dataset.range(num_examples)
+  if input_context is not None and input_context.num_input_pipelines > 1:
+    ds = ds.shard(input_context.num_input_pipelines,
+                  input_context.input_pipeline_id)
+  return ds
+
+
+class DataSource:
+  """A labelled image dataset with dense per-split example ids.
+
+  Attributes: `name`, `num_classes`, `image_shape` (native (H, W, 3), or
+  None when images vary in size), `splits` (available split names).
+  """
+
+  name = None
+  num_classes = None
+  image_shape = None
+
+  @property
+  def splits(self):
+    raise NotImplementedError
+
+  def num_examples(self, split):
+    """Number of examples N of `split`; ids are 0..N-1."""
+    raise NotImplementedError
+
+  def load(self, split, input_context=None, shuffle_files=False, seed=None):
+    """tf.data.Dataset of {'image': uint8 HxWx3, 'label': int32, 'id': int32}.
+
+    With an `input_context`, only this input pipeline's share of the split
+    is returned (disjoint across pipelines, union = the whole split).
+    `shuffle_files` shuffles the reading order (seeded by `seed`, reshuffled
+    every iteration); ids are unaffected.
+    """
+    raise NotImplementedError
+
+  def find_unreadable(self, split):
+    """Paths of the files of `split` that cannot be decoded (folders only)."""
+    del split
+    return []
+
+  def _check_split(self, split):
+    if split not in self.splits:
+      raise ValueError(
+          f'Split {split!r} not found in dataset {self.name!r}; available '
+          f'splits: {sorted(self.splits)}.')
+
+  def __repr__(self):
+    return (f'{type(self).__name__}(name={self.name!r}, '
+            f'num_classes={self.num_classes}, splits={sorted(self.splits)})')
+
+
+class DigitsSource(DataSource):
+  """scikit-learn's digits as 32x32 RGB uint8 images (embedded default).
+
+  Pixels 0..16 are scaled to round(v * 255 / 16), upscaled 8 -> 32 with
+  bilinear interpolation (fixed, no antialiasing) and copied to 3 channels.
+  Split: `train_test_split(test_size=0.2, random_state=0, stratify=y)`;
+  within a split examples keep the original scikit-learn order, so the id is
+  the rank of the original index among the split's indices.
+  """
+
+  SPLIT_ALIASES = {'validation': 'test'}
+
+  def __init__(self, image_size=DIGITS_IMAGE_SIZE):
+    from sklearn import datasets as sk_datasets
+    from sklearn import model_selection
+    digits = sk_datasets.load_digits()
+    images = np.round(digits.images * (255.0 / 16.0)).astype(np.float32)
+    big = tf.image.resize(images[..., None], [image_size, image_size],
+                          method='bilinear', antialias=False).numpy()
+    big = np.clip(np.round(big), 0, 255).astype(np.uint8)
+    big = np.repeat(big, 3, axis=-1)
+    labels = digits.target.astype(np.int32)
+    train_idx, test_idx = model_selection.train_test_split(
+        np.arange(len(labels)), test_size=0.2, random_state=0,
+        stratify=labels)
+    self._data = {}
+    for split, idx in (('train', np.sort(train_idx)),
+                       ('test', np.sort(test_idx))):
+      self._data[split] = (big[idx], labels[idx])
+    self.name = DIGITS
+    self.num_classes = 10
+    self.image_shape = (image_size, image_size, 3)
+
+  @property
+  def splits(self):
+    return ['train', 'test', 'validation']
+
+  def _resolve(self, split):
+    self._check_split(split)
+    return self.SPLIT_ALIASES.get(split, split)
+
+  def num_examples(self, split):
+    return len(self._data[self._resolve(split)][1])
+
+  def arrays(self, split):
+    """(images uint8 [N, H, W, 3], labels int32 [N]) in id order."""
+    return self._data[self._resolve(split)]
+
+  def load(self, split, input_context=None, shuffle_files=False, seed=None):
+    images, labels = self.arrays(split)
+    images_t = tf.constant(images)
+    labels_t = tf.constant(labels)
+    ds = _shard_indices(len(labels), input_context)
+    if shuffle_files:
+      ds = ds.shuffle(len(labels), seed=seed, reshuffle_each_iteration=True)
+
+    def lookup(i):
+      return {'image': tf.gather(images_t, i), 'label': tf.gather(labels_t, i),
+              'id': tf.cast(i, tf.int32)}
+    return ds.map(lookup, num_parallel_calls=_AUTOTUNE)
+
+
+def _decode_file(path):
+  """uint8 HxWx3 from a JPEG/PNG/BMP/GIF(first frame)/WebP file."""
+  image = tf.io.decode_image(tf.io.read_file(path), channels=3,
+                             expand_animations=False)
+  image.set_shape([None, None, 3])
+  return image
+
+
+def _list_images(directory):
+  return sorted(
+      f for f in os.listdir(directory)
+      if not f.startswith('.') and f.lower().endswith(IMAGE_EXTENSIONS)
+      and os.path.isfile(os.path.join(directory, f)))
+
+
+def _subdirs(directory):
+  return sorted(d for d in os.listdir(directory)
+                if not d.startswith('.')
+                and os.path.isdir(os.path.join(directory, d)))
+
+
+class ImageFolderSource(DataSource):
+  """Images laid out `<root>/<split>/<class>/<file>`.
+
+  Classes are the sorted sub-directory names of the train split (shared by
+  every split); ids follow the sorted (class, filename) order. With
+  `skip_corrupt_images`, files that fail to decode are found at construction
+  (for the train and eval splits; other splits when first used), logged and
+  left out, so ids stay dense over the readable files.
+  """
+
+  def __init__(self, root, train_split='train', eval_split='validation',
+               skip_corrupt_images=False):
+    self.root = root
+    self.name = root
+    self.skip_corrupt_images = skip_corrupt_images
+    self._available = _subdirs(root)
+    self._files = {}
+    train_dir = self._split_dir(train_split)
+    self.classes = _subdirs(train_dir)
+    if not self.classes:
+      raise ValueError(f'No class sub-directories in {train_dir!r}; expected '
+                       f'<dir>/<split>/<class>/*.jpg.')
+    self._class_index = {c: i for i, c in enumerate(self.classes)}
+    self.num_classes = len(self.classes)
+    self.image_shape = None
+    for split in dict.fromkeys(s for s in (train_split, eval_split) if s):
+      self._split_files(split)
+
+  @property
+  def splits(self):
+    return list(self._available)
+
+  def _split_dir(self, split):
+    if split not in self._available:
+      raise ValueError(
+          f'Split {split!r} not found in image folder {self.root!r} (no '
+          f'directory {os.path.join(self.root, split)!r}); available splits: '
+          f'{self._available}.')
+    return os.path.join(self.root, split)
+
+  def _list_split(self, split):
+    """All (path, label) of a split in id order, unreadable files included."""
+    split_dir = self._split_dir(split)
+    paths, labels = [], []
+    for cls in _subdirs(split_dir):
+      if cls not in self._class_index:
+        raise ValueError(
+            f'Class directory {cls!r} of split {split!r} in {self.root!r} is '
+            f'not a class of the training split; known classes: '
+            f'{self.classes}.')
+      files = _list_images(os.path.join(split_dir, cls))
+      paths += [os.path.join(split_dir, cls, f) for f in files]
+      labels += [self._class_index[cls]] * len(files)
+    if not paths:
+      exts = ','.join(IMAGE_EXTENSIONS)
+      raise ValueError(
+          f'Split {split!r} of image folder {self.root!r} has no images '
+          f'(looked for {split_dir}/<class>/*{{{exts}}}).')
+    return paths, labels
+
+  def _split_files(self, split):
+    """(paths, labels) used for `split`, after the optional corrupt skip."""
+    if split not in self._files:
+      paths, labels = self._list_split(split)
+      if self.skip_corrupt_images:
+        bad = set(_unreadable(paths))
+        if bad:
+          logging.warning(
+              'Skipping %d unreadable image(s) of split %r in %s: %s',
+              len(bad), split, self.root, sorted(bad))
+          kept = [(p, l) for p, l in zip(paths, labels) if p not in bad]
+          if not kept:
+            raise ValueError(f'Every image of split {split!r} in '
+                             f'{self.root!r} is unreadable.')
+          paths, labels = map(list, zip(*kept))
+      self._files[split] = (paths, labels)
+    return self._files[split]
+
+  def files(self, split):
+    """(paths, labels) of `split` in id order: paths[id] is example `id`."""
+    paths, labels = self._split_files(split)
+    return list(paths), list(labels)
+
+  def num_examples(self, split):
+    return len(self._split_files(split)[0])
+
+  def load(self, split, input_context=None, shuffle_files=False, seed=None):
+    paths, labels = self._split_files(split)
+    paths_t = tf.constant(paths)
+    labels_t = tf.constant(labels, tf.int32)
+    ds = _shard_indices(len(paths), input_context)
+    if shuffle_files:
+      ds = ds.shuffle(len(paths), seed=seed, reshuffle_each_iteration=True)
+
+    def read(i):
+      return {'image': _decode_file(tf.gather(paths_t, i)),
+              'label': tf.gather(labels_t, i), 'id': tf.cast(i, tf.int32)}
+    return ds.map(read, num_parallel_calls=_AUTOTUNE)
+
+  def find_unreadable(self, split):
+    """Every file of `split` (as listed on disk) that fails to decode."""
+    return _unreadable(self._list_split(split)[0])
+
+
+def _unreadable(paths):
+  """Paths that fail to read or decode, via one parallel tf.data pass.
+
+  Each element maps to (index, decoded shape) - the shape keeps the decode
+  from being pruned; `ignore_errors` drops failures, and the missing indices
+  are the unreadable files.
+  """
+  if not paths:
+    return []
+  ds = tf.data.Dataset.from_tensor_slices(
+      (tf.range(len(paths), dtype=tf.int64), tf.constant(paths)))
+  ds = ds.map(lambda i, p: (i, tf.shape(_decode_file(p))),
+              num_parallel_calls=_AUTOTUNE, deterministic=False)
+  ds = ds.ignore_errors(log_warning=False).batch(4096)
+  ok = np.zeros(len(paths), bool)
+  for idx, _ in ds.as_numpy_iterator():
+    ok[idx] = True
+  return [p for p, good in zip(paths, ok) if not good]
+
+
+_TFDS_ID_RE = re.compile(r'-(\d+)-of-(\d+)$')
+
+
+def _patch_tfds_for_protobuf():
+  """Lets tfds 4.9.9 read dataset_info.json under protobuf >= 7.
+
+  `DatasetInfo.read_from_directory` restores fields the code leaves unset via
+  `field.label == LABEL_REPEATED`, and protobuf 7 removed
+  `FieldDescriptor.label`, so every prepared dataset fails to load. The
+  wrapper copies those non-message fields from the JSON into the proto
+  first (what the original loop would do), so the original loop skips them.
+  No-op when `label` exists.
+  """
+  from google.protobuf import descriptor
+  from tensorflow_datasets.core import dataset_info
+  if hasattr(descriptor.FieldDescriptor, 'label'):
+    return
+  cls = dataset_info.DatasetInfo
+  if getattr(cls.read_from_directory, '_protobuf_compat', False):
+    return
+  original = cls.read_from_directory
+
+  def read_from_directory(self, dataset_info_dir):
+    parsed = dataset_info.read_from_json(
+        dataset_info.dataset_info_path(dataset_info_dir))
+    proto = self.as_proto
+    for name, field in proto.DESCRIPTOR.fields_by_name.items():
+      if field.type == field.TYPE_MESSAGE:
+        continue  # The original merges messages without touching `label`.
+      value, restored = getattr(proto, name), getattr(parsed, name)
+      if field.is_repeated:
+        if not value and restored:
+          value.extend(restored)
+        continue
+      try:
+        defined = proto.HasField(name)
+        defined_restored = parsed.HasField(name)
+      except ValueError:
+        defined, defined_restored = bool(value), bool(restored)
+      if not defined and defined_restored:
+        setattr(proto, name, restored)
+    return original(self, dataset_info_dir)
+
+  read_from_directory._protobuf_compat = True
+  cls.read_from_directory = read_from_directory
+
+
+class TFDSSource(DataSource):
+  """A prepared TFDS image-classification dataset (never downloaded here).
+
+  Ids: tfds names every example '<file>-SSSSS-of-NNNNN__R' (shard S, record
+  R within the shard, tfds 4.9.9 `reader._make_id`); id = offset[S] + R with
+  offset the cumulative `shard_lengths` of the split.
+  """
+
+  def __init__(self, name, data_dir=None, train_split='train',
+               eval_split='validation'):
+    import tensorflow_datasets as tfds
+    _patch_tfds_for_protobuf()
+    self._tfds = tfds
+    self.name = name
+    try:
+      builder = tfds.builder(name, data_dir=data_dir)
+    except tfds.core.registered.DatasetNotFoundError as e:
+      first_line = str(e).splitlines()[0] if str(e) else ''
+      raise ValueError(
+          f'Unknown dataset {name!r}: not {DIGITS!r}, not an existing '
+          f'directory, and not a TFDS dataset ({first_line}). '
+          f'{_KINDS_HELP}') from e
+    root = getattr(builder, 'data_dir_root', data_dir)
+    if not builder.is_prepared():
+      raise ValueError(
+          f'TFDS dataset {name!r} is not prepared in data_dir {root!r} '
+          f'(looked for {builder.data_dir}); nothing is downloaded at run '
+          f'time. Prepare it once with `tfds build {name} '
+          f'--data_dir={root}` (ImageNet needs --manual_dir with the '
+          f'original archives), or point --dataset at an image folder '
+          f'<dir>/<split>/<class>/*.jpg, or use --dataset={DIGITS}.')
+    self.builder = builder
+    info = builder.info
+    keys = info.supervised_keys
+    if (isinstance(keys, (tuple, list)) and len(keys) == 2
+        and all(isinstance(k, str) for k in keys)):
+      self._image_key, self._label_key = keys
+    else:
+      self._image_key, self._label_key = 'image', 'label'
+    for key in (self._image_key, self._label_key):
+      if key not in info.features:
+        raise ValueError(f'TFDS dataset {name!r} has no {key!r} feature; '
+                         f'features: {list(info.features)}.')
+    self.num_classes = int(info.features[self._label_key].num_classes)
+    shape = tuple(info.features[self._image_key].shape)
+    self._channels = shape[-1]
+    self.image_shape = (shape[:2] + (3,)) if None not in shape else None
+    for split in dict.fromkeys(s for s in (train_split, eval_split) if s):
+      self._check_split(split)
+
+  @property
+  def splits(self):
+    return list(self.builder.info.splits.keys())
+
+  def num_examples(self, split):
+    self._check_split(split)
+    return int(self.builder.info.splits[split].num_examples)
+
+  def _shard_offsets(self, split):
+    """Cumulative example offset of each shard, after checking file names."""
+    info = self.builder.info.splits[split]
+    lengths = list(info.shard_lengths)
+    if not lengths:
+      raise ValueError(f'TFDS split {split!r} of {self.name!r} records no '
+                       f'shard_lengths; cannot derive dense ids.')
+    for k, filename in enumerate(info.filenames):
+      m = _TFDS_ID_RE.search(os.path.basename(filename))
+      if not m or int(m.group(1)) != k or int(m.group(2)) != len(lengths):
+        raise ValueError(
+            f'TFDS file {filename!r} does not follow the '
+            f'<name>-SSSSS-of-NNNNN naming that dense ids rely on.')
+    return np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+
+  def load(self, split, input_context=None, shuffle_files=False, seed=None):
+    self._check_split(split)
+    offsets = tf.constant(self._shard_offsets(split))
+    read_config = self._tfds.ReadConfig(
+        add_tfds_id=True, input_context=input_context, shuffle_seed=seed,
+        interleave_cycle_length=32, interleave_block_length=1)
+    ds = self.builder.as_dataset(split=split, shuffle_files=shuffle_files,
+                                 read_config=read_config)
+    image_key, label_key, channels = (self._image_key, self._label_key,
+                                      self._channels)
+
+    def convert(ex):
+      tfds_id = ex['tfds_id']
+      shard = tf.strings.to_number(tf.strings.regex_replace(
+          tfds_id, r'^.*-(\d+)-of-\d+__\d+$', r'\1'), tf.int64)
+      record = tf.strings.to_number(
+          tf.strings.regex_replace(tfds_id, r'^.*__(\d+)$', r'\1'), tf.int64)
+      image = ex[image_key]
+      if channels == 1:
+        image = tf.image.grayscale_to_rgb(image)
+      elif channels == 4:
+        image = image[..., :3]
+      return {'image': image,
+              'label': tf.cast(ex[label_key], tf.int32),
+              'id': tf.cast(tf.gather(offsets, shard) + record, tf.int32)}
+    return ds.map(convert, num_parallel_calls=_AUTOTUNE)
+
+
+def _looks_like_path(dataset):
+  return dataset.startswith(('/', './', '../', '~')) or dataset in ('.', '..')
+
+
+def get_data_source(dataset, data_dir=None, train_split='train',
+                    eval_split='validation', skip_corrupt_images=False):
+  """Returns the `DataSource` for `dataset` ('digits', a folder, or TFDS).
+
+  A path (existing directory, or anything starting with '/', './', '../' or
+  '~') is an image folder; `data_dir` is only used by TFDS. The train and
+  eval splits are validated here, before any image is read (eval_split=None
+  skips its check, e.g. when only training).
+  """
+  if dataset == DIGITS:
+    source = DigitsSource()
+    for split in (train_split, eval_split):
+      if split:
+        source._check_split(split)  # pylint: disable=protected-access
+    return source
+  path = os.path.expanduser(dataset)
+  if os.path.isdir(path):
+    return ImageFolderSource(path, train_split=train_split,
+                             eval_split=eval_split,
+                             skip_corrupt_images=skip_corrupt_images)
+  if _looks_like_path(dataset):
+    kind = 'is not a directory' if os.path.exists(path) else 'does not exist'
+    raise ValueError(f'Dataset path {dataset!r} {kind}. {_KINDS_HELP}')
+  return TFDSSource(dataset, data_dir=data_dir, train_split=train_split,
+                    eval_split=eval_split)
+
+
+def build_input_fn(source, split, global_batch_size, is_training, image_size,
+                   num_views=2, train_mode='pretrain',
+                   color_jitter_strength=1.0, use_blur=True,
+                   crop_area_min=0.08, randaugment=None, cache_dataset=False,
+                   shuffle_buffer=None, seed=None):
+  """Returns `input_fn(input_context=None) -> tf.data.Dataset` of batches.
+
+  Batch: {'image': float32 [b, H, W, 3V], 'label': int32 [b], 'id': int32
+  [b]}, b = per-replica batch (global batch when no context). Views:
+  pretrain training -> `num_views` independent colour-distorted crops
+  (`use_blur`, `crop_area_min`, `randaugment` apply here); finetune training
+  -> 1 crop + flip view; eval -> 1 view, centre crop only if image_size > 32.
+  Training: (cache) -> shuffle (min(N, 50000), reshuffled per epoch) ->
+  repeat -> augment -> batch(drop_remainder) -> prefetch. Eval: one pass,
+  last partial batch kept.
+  """
+  if train_mode not in ('pretrain', 'finetune'):
+    raise ValueError(f"train_mode must be 'pretrain' or 'finetune', got "
+                     f'{train_mode!r}.')
+  if is_training and train_mode == 'pretrain' and num_views < 1:
+    raise ValueError(f'num_views must be >= 1, got {num_views}.')
+  num_examples = source.num_examples(split)
+
+  def one_view(image, **kwargs):
+    return data_util.preprocess_image(
+        image, image_size, image_size,
+        color_jitter_strength=color_jitter_strength, **kwargs)
+
+  def make_views(example):
+    image = example['image']
+    if not is_training:
+      views = [one_view(image, is_training=False,
+                        test_crop=image_size > 32)]
+    elif train_mode == 'pretrain':
+      views = [one_view(image, is_training=True, color_distort=True,
+                        use_blur=use_blur, crop_area_min=crop_area_min,
+                        randaugment=randaugment)
+               for _ in range(num_views)]
+    else:
+      views = [one_view(image, is_training=True, color_distort=False,
+                        use_blur=False)]
+    return {'image': tf.concat(views, axis=-1), 'label': example['label'],
+            'id': example['id']}
+
+  def input_fn(input_context=None):
+    batch_size = (input_context.get_per_replica_batch_size(global_batch_size)
+                  if input_context is not None else global_batch_size)
+    ds = source.load(split, input_context=input_context,
+                     shuffle_files=is_training, seed=seed)
+    if cache_dataset:
+      ds = ds.cache()
+    if is_training:
+      buffer = shuffle_buffer or min(num_examples, 50_000)
+      ds = ds.shuffle(buffer, seed=seed, reshuffle_each_iteration=True)
+      ds = ds.repeat()
+    ds = ds.map(make_views, num_parallel_calls=_AUTOTUNE)
+    ds = ds.batch(batch_size, drop_remainder=is_training)
+    return ds.prefetch(_AUTOTUNE)
+
+  return input_fn
+
+
+def distribute(strategy, input_fn):
+  """Per-replica dataset: one `input_fn` pipeline per host, via its context."""
+  return strategy.distribute_datasets_from_function(input_fn)

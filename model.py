@@ -1,0 +1,222 @@
+"""The model: ResNet + projection head + supervised head (SPEC §3).
+
+`Model(images)` takes a batch whose V views are concatenated along the
+channel axis ([b, H, W, 3·V], as the input pipeline yields it), stacks the
+views along the batch axis (view-major: row v·b + k is view v of image k),
+and returns `(projection_head_outputs, supervised_head_outputs)` as the
+original SimCLR TF2 model does.
+
+Variables live under three checkpoint prefixes, the names that
+`--variable_schema` regexes match (see checkpoints.py): `base_model/` (the
+ResNet), `head_contrastive/` (projection head) and `head_supervised/`
+(linear head).
+"""
+
+import tensorflow as tf
+import tf_keras
+
+import lars_optimizer
+import resnet
+
+# The original SimCLR TF2 module defined these here; keep them reachable.
+WarmUpAndCosineDecay = lars_optimizer.WarmUpAndCosineDecay
+build_optimizer = lars_optimizer.build_optimizer
+get_train_steps = lars_optimizer.get_train_steps
+
+BASE_MODEL_NAME = 'base_model'
+PROJECTION_HEAD_NAME = 'head_contrastive'
+SUPERVISED_HEAD_NAME = 'head_supervised'
+
+
+class LinearLayer(tf_keras.layers.Layer):
+  """Dense layer with optional BN (BN replaces the bias: β is the bias).
+
+  `num_classes` may be a callable of the input shape (the projection head's
+  middle layers take the width of their input).
+  """
+
+  def __init__(self, num_classes, use_bias=True, use_bn=False,
+               batch_norm_decay=0.9, global_bn=True, name='linear_layer',
+               **kwargs):
+    super().__init__(name=name, **kwargs)
+    self.num_classes = num_classes
+    self.use_bias = use_bias
+    self.use_bn = use_bn
+    if use_bn:
+      self.bn_relu = resnet.BatchNormRelu(
+          relu=False, center=use_bias, batch_norm_decay=batch_norm_decay,
+          global_bn=global_bn)
+
+  def build(self, input_shape):
+    num_classes = self.num_classes
+    if callable(num_classes):
+      num_classes = num_classes(input_shape)
+    self.dense = tf_keras.layers.Dense(
+        num_classes,
+        kernel_initializer=tf_keras.initializers.RandomNormal(stddev=0.01),
+        use_bias=self.use_bias and not self.use_bn)
+    super().build(input_shape)
+
+  def call(self, inputs, training):
+    outputs = self.dense(inputs)
+    if self.use_bn:
+      outputs = self.bn_relu(outputs, training=training)
+    return outputs
+
+
+class ProjectionHead(tf_keras.layers.Layer):
+  """Projection head of SPEC §3.
+
+  nonlinear: num_proj_layers layers; the middle ones Dense(no bias) + BN +
+  ReLU at the input width, the last Dense(proj_out_dim, no bias) + BN
+  without β. linear: only that last layer. none: identity.
+
+  `call` returns (output of the last layer, output of layer
+  `ft_proj_selector`), where 0 is the head's input (the ResNet features).
+  In finetune mode only the layers up to `ft_proj_selector` are built, since
+  nothing else is used.
+  """
+
+  def __init__(self, proj_head_mode='nonlinear', proj_out_dim=128,
+               num_proj_layers=3, ft_proj_selector=0, train_mode='pretrain',
+               batch_norm_decay=0.9, global_bn=True,
+               name=PROJECTION_HEAD_NAME, **kwargs):
+    super().__init__(name=name, **kwargs)
+    self.proj_head_mode = proj_head_mode
+    self.ft_proj_selector = ft_proj_selector
+    bn_args = dict(batch_norm_decay=batch_norm_decay, global_bn=global_bn)
+    if proj_head_mode == 'none':
+      num_layers = 0
+    elif proj_head_mode == 'linear':
+      num_layers = 1
+    elif proj_head_mode == 'nonlinear':
+      num_layers = num_proj_layers
+    else:
+      raise ValueError(f'Unknown proj_head_mode {proj_head_mode!r}; use '
+                       'none, linear or nonlinear.')
+    if train_mode == 'finetune' and ft_proj_selector >= 0:
+      num_layers = min(num_layers, ft_proj_selector)
+    self.linear_layers = []
+    for j in range(num_layers):
+      is_last = (j == num_proj_layers - 1 or proj_head_mode == 'linear')
+      if is_last:
+        layer = LinearLayer(proj_out_dim, use_bias=False, use_bn=True,
+                            name=f'nl_{j}', **bn_args)
+      else:
+        layer = LinearLayer(lambda shape: int(shape[-1]), use_bias=True,
+                            use_bn=True, name=f'nl_{j}', **bn_args)
+      self.linear_layers.append(layer)
+    self._relu_after = [
+        proj_head_mode == 'nonlinear' and j != num_proj_layers - 1
+        for j in range(num_layers)]
+
+  def call(self, inputs, training):
+    hiddens = [inputs]
+    for layer, relu in zip(self.linear_layers, self._relu_after):
+      outputs = layer(hiddens[-1], training=training)
+      if relu:
+        outputs = tf.nn.relu(outputs)
+      hiddens.append(outputs)
+    return hiddens[-1], hiddens[self.ft_proj_selector]
+
+
+class SupervisedHead(tf_keras.layers.Layer):
+  """Linear classifier: Dense(num_classes) with bias, init N(0, 0.01²)."""
+
+  def __init__(self, num_classes, name=SUPERVISED_HEAD_NAME, **kwargs):
+    super().__init__(name=name, **kwargs)
+    self.linear_layer = LinearLayer(num_classes, use_bias=True, use_bn=False)
+
+  def call(self, inputs, training):
+    return self.linear_layer(inputs, training=training)
+
+
+class Model(tf_keras.models.Model):
+  """ResNet + projection head + supervised head.
+
+  Returns (projection_head_outputs, supervised_head_outputs):
+    pretrain: (projections [V·b, d], logits on stop_gradient(features) of
+      every view, or None when lineareval_while_pretraining is off);
+    finetune: (None, logits on the features selected by ft_proj_selector).
+
+  The sub-layers are the attributes `base_model`, `head_contrastive` and
+  `head_supervised`, which are also the first component of every variable's
+  checkpoint path (what `--variable_schema` matches). The original's names
+  `resnet_model` and `supervised_head` are kept as aliases.
+  """
+
+  def __init__(self, num_classes, resnet_depth=50, width_multiplier=1,
+               cifar_stem=False, sk_ratio=0.0, se_ratio=0.0,
+               proj_head_mode='nonlinear', proj_out_dim=128,
+               num_proj_layers=3, ft_proj_selector=0, train_mode='pretrain',
+               lineareval_while_pretraining=True, fine_tune_after_block=-1,
+               batch_norm_decay=0.9, global_bn=True, **kwargs):
+    super().__init__(**kwargs)
+    if train_mode not in ('pretrain', 'finetune'):
+      raise ValueError(f'Unknown train_mode {train_mode!r}; use pretrain or '
+                       'finetune.')
+    self.train_mode = train_mode
+    bn_args = dict(batch_norm_decay=batch_norm_decay, global_bn=global_bn)
+    self.base_model = resnet.resnet(
+        resnet_depth=resnet_depth, width_multiplier=width_multiplier,
+        cifar_stem=cifar_stem, sk_ratio=sk_ratio, se_ratio=se_ratio,
+        fine_tune_after_block=fine_tune_after_block, name=BASE_MODEL_NAME,
+        **bn_args)
+    self.head_contrastive = ProjectionHead(
+        proj_head_mode=proj_head_mode, proj_out_dim=proj_out_dim,
+        num_proj_layers=num_proj_layers, ft_proj_selector=ft_proj_selector,
+        train_mode=train_mode, **bn_args)
+    if train_mode == 'finetune' or lineareval_while_pretraining:
+      self.head_supervised = SupervisedHead(num_classes)
+    else:
+      self.head_supervised = None
+
+  @property
+  def resnet_model(self):
+    return self.base_model
+
+  @property
+  def supervised_head(self):
+    return self.head_supervised
+
+  def outputs_dict(self, images, training=False):
+    """{'features', 'projection'[, 'logits']} of a single-view batch.
+
+    'projection' is the last built projection layer (in finetune mode the
+    head is only built up to ft_proj_selector); 'logits' is the supervised
+    head on the features it is trained on.
+    """
+    hiddens = self.base_model(images, training=training)
+    projections, selected = self.head_contrastive(hiddens, training=training)
+    outputs = {'features': hiddens, 'projection': projections}
+    if self.head_supervised is not None:
+      outputs['logits'] = self.head_supervised(selected, training=training)
+    return outputs
+
+  def call(self, inputs, training=False):
+    num_views = inputs.shape[-1] // 3
+    if num_views * 3 != inputs.shape[-1]:
+      raise ValueError(f'Expected 3·V channels, got {inputs.shape[-1]}.')
+    features = tf.concat(tf.split(inputs, num_views, axis=-1), axis=0)
+    hiddens = self.base_model(features, training=training)
+    projections, supervised_inputs = self.head_contrastive(
+        hiddens, training=training)
+    if self.train_mode == 'finetune':
+      return None, self.head_supervised(supervised_inputs, training=training)
+    if self.head_supervised is not None:
+      logits = self.head_supervised(
+          tf.stop_gradient(supervised_inputs), training=training)
+      return projections, logits
+    return projections, None
+
+
+def add_weight_decay(model, adjust_per_optimizer=True, optimizer='lars',
+                     weight_decay=1e-6):
+  """The explicit weight-decay loss term (the original's helper).
+
+  With adjust_per_optimizer and LARS (which decays inside the update), only
+  the supervised head is decayed here; otherwise every non-BN variable.
+  """
+  name = optimizer if adjust_per_optimizer else 'momentum'
+  return lars_optimizer.weight_decay_loss(
+      model.trainable_variables, name, weight_decay)

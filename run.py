@@ -1,0 +1,534 @@
+r"""Contrastive pretraining, linear evaluation and fine-tuning.
+
+  python run.py --flagfile=configs/quickstart.cfg           # embedded digits
+  python run.py --dataset=cifar10 --data_dir=... --model_dir=...
+
+Flags keep the names, meanings and defaults of the original SimCLR TF2
+run.py, plus the FNC / SogCLR compatibility flags (see README.md). A flag
+combination that cannot work stops the run at start-up, before any data is
+read or anything is written, with a message that names the flags.
+"""
+
+import json
+import math
+import os
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+import orbit
+import tensorflow as tf
+
+import checkpoints
+import data as data_lib
+import lars_optimizer
+import model as model_lib
+import objective as obj_lib
+import trainer as trainer_lib
+from official.common import distribute_utils
+
+FLAGS = flags.FLAGS
+
+# --- The original SimCLR TF2 flags (names, meanings and defaults kept). ---
+flags.DEFINE_float('learning_rate', 0.3,
+                   'Initial learning rate per batch size of 256.')
+flags.DEFINE_enum('learning_rate_scaling', 'linear', ['linear', 'sqrt'],
+                  'How to scale the learning rate with the batch size: '
+                  'lr·B/256 (linear) or lr·sqrt(B) (sqrt).')
+flags.DEFINE_float('warmup_epochs', 10, 'Number of epochs of warm-up.')
+flags.DEFINE_float('weight_decay', 1e-6, 'Amount of weight decay to use.')
+flags.DEFINE_float('batch_norm_decay', 0.9, 'Batch norm decay parameter.')
+flags.DEFINE_integer('train_batch_size', 512, 'Global batch size for training.')
+flags.DEFINE_string('train_split', 'train', 'Split for training.')
+flags.DEFINE_integer('train_epochs', 100, 'Number of epochs to train for.')
+flags.DEFINE_integer('train_steps', 0, 'Number of steps to train for. If '
+                     'provided, overrides train_epochs.')
+flags.DEFINE_integer('eval_steps', 0, 'Number of steps to eval for. If not '
+                     'provided, evals over the entire split.')
+flags.DEFINE_integer('eval_batch_size', 256, 'Global batch size for eval.')
+flags.DEFINE_integer('checkpoint_epochs', 1,
+                     'Number of epochs between checkpoints/summaries.')
+flags.DEFINE_integer('checkpoint_steps', 0, 'Number of steps between '
+                     'checkpoints/summaries. If provided, overrides '
+                     'checkpoint_epochs.')
+flags.DEFINE_string('eval_split', 'validation', 'Split for evaluation.')
+flags.DEFINE_string('dataset', 'imagenet2012',
+                    'A TFDS dataset name, a folder of images laid out '
+                    '<split>/<class>/*.jpg, or "digits" (embedded, no '
+                    'download).')
+flags.DEFINE_bool('cache_dataset', False,
+                  'Whether to cache the entire dataset in memory.')
+flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'train_then_eval'],
+                  'Whether to perform training or evaluation (eval watches '
+                  'model_dir for new checkpoints).')
+flags.DEFINE_enum('train_mode', 'pretrain', ['pretrain', 'finetune'],
+                  'The train mode controls different objectives and trainable '
+                  'components.')
+flags.DEFINE_bool('lineareval_while_pretraining', True,
+                  'Whether to train the supervised head (on stop-gradient '
+                  'features) while pretraining.')
+flags.DEFINE_string('checkpoint', None,
+                    'Warm-start the model from this checkpoint (prefix or '
+                    'directory) if model_dir holds no checkpoint yet. Only '
+                    'model variables matched by --variable_schema are read.')
+flags.DEFINE_bool('zero_init_logits_layer', False,
+                  'Zero-initialise the supervised head when starting a run.')
+flags.DEFINE_integer('fine_tune_after_block', -1,
+                     'Freeze blocks up to this one when fine-tuning: -1 '
+                     'trains everything, 0 freezes the stem, 4 trains only '
+                     'the head (linear eval).')
+flags.DEFINE_string('master', None, 'Address of the TensorFlow master (TPU).')
+flags.DEFINE_string('model_dir', None, 'Model directory for training.')
+flags.DEFINE_string('data_dir', None, 'Directory where the TFDS dataset is.')
+flags.DEFINE_bool('use_tpu', None, 'Whether to run on TPU. Unset: detect '
+                  '(TPU if configured, else all local GPUs, else the CPU).')
+flags.DEFINE_string('tpu_name', None, 'The Cloud TPU to use.')
+flags.DEFINE_string('tpu_zone', None, '[Optional] GCE zone of the Cloud TPU.')
+flags.DEFINE_string('gcp_project', None, '[Optional] GCP project of the TPU.')
+flags.DEFINE_enum('optimizer', 'lars', ['momentum', 'adam', 'lars'],
+                  'Optimizer to use.')
+flags.DEFINE_float('momentum', 0.9, 'Momentum parameter.')
+flags.DEFINE_string('eval_name', None, 'Name of this evaluation: summaries '
+                    'go to model_dir/eval_<name> instead of model_dir/eval.')
+flags.DEFINE_integer('keep_checkpoint_max', 5,
+                     'Maximum number of checkpoints to keep.')
+flags.DEFINE_integer('keep_hub_module_max', 1,
+                     'Maximum number of exported SavedModels to keep.')
+flags.DEFINE_float('temperature', 0.1,
+                   'Temperature parameter for contrastive loss.')
+flags.DEFINE_boolean('hidden_norm', True,
+                     'Whether to l2-normalise projections in the loss.')
+flags.DEFINE_enum('proj_head_mode', 'nonlinear',
+                  ['none', 'linear', 'nonlinear'],
+                  'How the head projection is done.')
+flags.DEFINE_integer('proj_out_dim', 128, 'Projection output dimension.')
+flags.DEFINE_integer('num_proj_layers', 3, 'Number of non-linear head layers.')
+flags.DEFINE_integer('ft_proj_selector', 0,
+                     'Which layer of the projection head to use during '
+                     'fine-tuning: 0 = no projection head, -1 = the last.')
+flags.DEFINE_boolean('global_bn', True,
+                     'Whether to aggregate BN statistics across replicas.')
+flags.DEFINE_float('width_multiplier', 1,
+                   'Multiplier of the ResNet width (fractions give thinner '
+                   'nets, e.g. 0.25 for CPU smoke tests).')
+flags.DEFINE_integer('resnet_depth', 50, 'Depth of ResNet.')
+flags.DEFINE_float('sk_ratio', 0.,
+                   'If it is bigger than 0, it will enable SK. '
+                   'Recommendation: 0.0625.')
+flags.DEFINE_float('se_ratio', 0., 'If it is bigger than 0, it will enable SE.')
+flags.DEFINE_integer('image_size', 224, 'Input image size (≤ 32 selects the '
+                     'CIFAR stem and no eval crop).')
+flags.DEFINE_float('color_jitter_strength', 1.0,
+                   'The strength of color jittering.')
+flags.DEFINE_boolean('use_blur', True, 'Whether or not to use Gaussian blur '
+                     'for augmentation during pretraining.')
+
+# --- TF1 / FNC names. ---
+flags.DEFINE_string('variable_schema', '?!global_step',
+                    'Regex (re.match) of the model variables to restore from '
+                    '--checkpoint; e.g. '
+                    "'(?!global_step|(?:.*/|^)Momentum|head)' restores the "
+                    'backbone only.')
+flags.DEFINE_integer('train_summary_steps', None,
+                     'Training summary period in steps; 0 = off; unset = '
+                     'once per host loop (steps_per_loop).')
+
+# --- New. ---
+flags.DEFINE_string('objective', 'simclr', 'The contrastive objective.')
+flags.DEFINE_integer('steps_per_loop', 0,
+                     'Training steps per host loop (progress line, '
+                     'summaries). 0: checkpoint_steps, or its gcd with '
+                     'train_summary_steps.')
+flags.DEFINE_string('distribution_strategy', None,
+                    'Override the detected strategy: tpu, mirrored, '
+                    'multi_worker_mirrored or one_device.')
+flags.DEFINE_bool('skip_corrupt_images', False,
+                  'Image folders: skip (and count) unreadable files instead '
+                  'of stopping with an error that names them.')
+flags.DEFINE_integer('seed', None, 'Random seed for shuffling and '
+                     'initialisation (unset: nondeterministic).')
+
+
+class ConfigError(ValueError):
+  """A setting that cannot work; reported without a traceback."""
+
+
+def projection_layer_count():
+  return {'none': 0, 'linear': 1,
+          'nonlinear': FLAGS.num_proj_layers}[FLAGS.proj_head_mode]
+
+
+def validate_flags():
+  """Rejects flag combinations that cannot work, naming the flags."""
+  errors = []
+  if not FLAGS.model_dir:
+    errors.append('--model_dir is required (checkpoints, summaries and '
+                  'results are written there).')
+  for name in ('train_batch_size', 'eval_batch_size', 'image_size',
+               'checkpoint_epochs', 'proj_out_dim'):
+    if getattr(FLAGS, name) <= 0:
+      errors.append(f'--{name} must be positive.')
+  for name in ('train_epochs', 'train_steps', 'eval_steps',
+               'checkpoint_steps', 'steps_per_loop', 'keep_checkpoint_max'):
+    if getattr(FLAGS, name) < 0:
+      errors.append(f'--{name} must not be negative.')
+  if FLAGS.train_steps == 0 and FLAGS.train_epochs == 0 and FLAGS.mode != 'eval':
+    errors.append('--train_epochs=0 and --train_steps=0: nothing to train.')
+  if FLAGS.width_multiplier <= 0:
+    errors.append('--width_multiplier must be positive.')
+  if FLAGS.temperature <= 0:
+    errors.append('--temperature must be positive.')
+  if not -1 <= FLAGS.fine_tune_after_block <= 4:
+    errors.append('--fine_tune_after_block must be in -1..4.')
+  elif FLAGS.fine_tune_after_block > -1 and FLAGS.train_mode != 'finetune':
+    errors.append('--fine_tune_after_block freezes blocks only when '
+                  '--train_mode=finetune; pretraining trains every block '
+                  '(use --fine_tune_after_block=-1).')
+  if FLAGS.proj_head_mode == 'nonlinear' and FLAGS.num_proj_layers < 1:
+    errors.append('--proj_head_mode=nonlinear needs --num_proj_layers ≥ 1.')
+  layers = projection_layer_count()
+  if not -1 <= FLAGS.ft_proj_selector <= layers:
+    errors.append(f'--ft_proj_selector={FLAGS.ft_proj_selector} but the '
+                  f'projection head (--proj_head_mode={FLAGS.proj_head_mode}'
+                  f', --num_proj_layers={FLAGS.num_proj_layers}) has '
+                  f'{layers} layers: use -1..{layers}.')
+  if (FLAGS.mode != 'train' and FLAGS.train_mode == 'pretrain' and
+      not FLAGS.lineareval_while_pretraining):
+    errors.append(f'--mode={FLAGS.mode} evaluates the supervised head, which '
+                  'pretraining only trains with '
+                  '--lineareval_while_pretraining=true (or use '
+                  '--train_mode=finetune, or --mode=train).')
+  if (FLAGS.train_summary_steps and FLAGS.steps_per_loop and
+      FLAGS.train_summary_steps % FLAGS.steps_per_loop):
+    errors.append(f'--train_summary_steps={FLAGS.train_summary_steps} must '
+                  f'be a multiple of --steps_per_loop={FLAGS.steps_per_loop}.')
+  if FLAGS.train_summary_steps is not None and FLAGS.train_summary_steps < 0:
+    errors.append('--train_summary_steps must not be negative.')
+  if FLAGS.use_tpu is False and FLAGS.distribution_strategy == 'tpu':
+    errors.append('--use_tpu=false contradicts --distribution_strategy=tpu.')
+  if FLAGS.use_tpu and FLAGS.distribution_strategy not in (None, 'tpu'):
+    errors.append(f'--use_tpu contradicts --distribution_strategy='
+                  f'{FLAGS.distribution_strategy}.')
+  try:
+    obj_lib.get_objective_class(FLAGS.objective)
+  except ValueError as e:
+    errors.append(str(e))
+  try:
+    checkpoints.compile_schema(FLAGS.variable_schema)
+  except ValueError as e:
+    errors.append(str(e))
+  if FLAGS.checkpoint:
+    try:
+      checkpoints.resolve_checkpoint_path(FLAGS.checkpoint)
+    except FileNotFoundError as e:
+      errors.append(str(e))
+  if errors:
+    raise ConfigError('\n  '.join(['invalid flags:'] + errors))
+
+
+def build_strategy():
+  """The strategy from the flags; detected when --use_tpu is unset."""
+  name = FLAGS.distribution_strategy
+  tpu_address = FLAGS.tpu_name or FLAGS.master or os.environ.get('TPU_NAME')
+  num_gpus = len(tf.config.list_physical_devices('GPU'))
+  if name is None:
+    if FLAGS.use_tpu or (FLAGS.use_tpu is None and tpu_address):
+      name = 'tpu'
+    elif FLAGS.use_tpu is None and tf.config.list_physical_devices('TPU'):
+      name, tpu_address = 'tpu', 'local'
+    elif num_gpus:
+      name = 'mirrored'
+    else:
+      name = 'one_device'
+  if name == 'tpu' and (FLAGS.tpu_zone or FLAGS.gcp_project):
+    resolver = tf.distribute.cluster_resolver.TPUClusterResolver(
+        tpu=tpu_address, zone=FLAGS.tpu_zone, project=FLAGS.gcp_project)
+    tf.config.experimental_connect_to_cluster(resolver)
+    tf.tpu.experimental.initialize_tpu_system(resolver)
+    return tf.distribute.TPUStrategy(resolver)
+  return distribute_utils.get_distribution_strategy(
+      distribution_strategy=name, num_gpus=num_gpus,
+      tpu_address=tpu_address or '')
+
+
+def build_objective():
+  cls = obj_lib.get_objective_class(FLAGS.objective)
+  return cls(**{name: getattr(FLAGS, name) for name in cls.flag_names})
+
+
+def build_model(num_classes):
+  return model_lib.Model(
+      num_classes,
+      resnet_depth=FLAGS.resnet_depth,
+      width_multiplier=FLAGS.width_multiplier,
+      cifar_stem=FLAGS.image_size <= 32,
+      sk_ratio=FLAGS.sk_ratio,
+      se_ratio=FLAGS.se_ratio,
+      proj_head_mode=FLAGS.proj_head_mode,
+      proj_out_dim=FLAGS.proj_out_dim,
+      num_proj_layers=FLAGS.num_proj_layers,
+      ft_proj_selector=FLAGS.ft_proj_selector,
+      train_mode=FLAGS.train_mode,
+      lineareval_while_pretraining=FLAGS.lineareval_while_pretraining,
+      fine_tune_after_block=FLAGS.fine_tune_after_block,
+      batch_norm_decay=FLAGS.batch_norm_decay,
+      global_bn=FLAGS.global_bn)
+
+
+def json_flags():
+  """The flag values that JSON can hold."""
+  values = {}
+  for key, val in FLAGS.flag_values_dict().items():
+    try:
+      json.dumps(val)
+    except TypeError:
+      continue
+    values[key] = val
+  return values
+
+
+def write_json(path, payload):
+  """Writes JSON atomically (temporary file, then rename)."""
+  tmp = path + '.tmp'
+  with tf.io.gfile.GFile(tmp, 'w') as f:
+    json.dump(payload, f, indent=2, sort_keys=True)
+  tf.io.gfile.rename(tmp, path, overwrite=True)
+
+
+def write_view_grid(input_fn, num_views, summary_dir, step):
+  """TensorBoard image grid of augmented views: one row per image."""
+  batch = next(iter(input_fn(None)))
+  images = batch['image']
+  rows = [tf.concat(tf.split(image, num_views, axis=-1), axis=1)
+          for image in tf.unstack(images)]
+  grid = tf.concat(rows, axis=0)[tf.newaxis]
+  writer = tf.summary.create_file_writer(summary_dir)
+  with writer.as_default():
+    tf.summary.image('augmented_views', grid, step=step)
+  writer.flush()
+
+
+class Experiment:
+  """Everything built from the flags, ready for train / eval."""
+
+  def __init__(self, strategy):
+    self.strategy = strategy
+    num_replicas = strategy.num_replicas_in_sync
+    for name in ('train_batch_size', 'eval_batch_size'):
+      if getattr(FLAGS, name) % num_replicas:
+        raise ConfigError(f'--{name}={getattr(FLAGS, name)} is not divisible'
+                          f' by the {num_replicas} replicas.')
+    try:
+      self.source = data_lib.get_data_source(
+          FLAGS.dataset, data_dir=FLAGS.data_dir,
+          train_split=FLAGS.train_split, eval_split=FLAGS.eval_split,
+          skip_corrupt_images=FLAGS.skip_corrupt_images)
+      self.num_train_examples = self.source.num_examples(FLAGS.train_split)
+      if FLAGS.mode != 'train':
+        self.num_eval_examples = self.source.num_examples(FLAGS.eval_split)
+    except (ValueError, FileNotFoundError, KeyError) as e:
+      raise ConfigError(str(e)) from e
+    self.num_classes = self.source.num_classes
+    batch = FLAGS.train_batch_size
+    if FLAGS.mode != 'eval' and batch > self.num_train_examples:
+      raise ConfigError(f'--train_batch_size={batch} exceeds the '
+                        f'{self.num_train_examples} examples of '
+                        f'--train_split={FLAGS.train_split}.')
+    self.train_steps = lars_optimizer.get_train_steps(
+        self.num_train_examples, FLAGS.train_epochs, batch, FLAGS.train_steps)
+    epoch_steps = max(1, int(round(self.num_train_examples / batch)))
+    self.checkpoint_steps = (FLAGS.checkpoint_steps or
+                             max(1, FLAGS.checkpoint_epochs * epoch_steps))
+    self.steps_per_loop = FLAGS.steps_per_loop or self.checkpoint_steps
+    if FLAGS.train_summary_steps and not FLAGS.steps_per_loop:
+      self.steps_per_loop = math.gcd(self.checkpoint_steps,
+                                     FLAGS.train_summary_steps)
+
+    self.objective = build_objective()
+    if FLAGS.train_mode == 'pretrain':
+      try:
+        self.objective.validate(batch, self.num_train_examples)
+      except ValueError as e:
+        raise ConfigError(str(e)) from e
+      self.num_views = self.objective.num_views
+    else:
+      self.num_views = 1
+
+    with strategy.scope():
+      self.model = build_model(self.num_classes)
+      self.model(tf.zeros([1, FLAGS.image_size, FLAGS.image_size,
+                           3 * self.num_views]), training=False)
+      schedule = lars_optimizer.WarmUpAndCosineDecay(
+          FLAGS.learning_rate, self.num_train_examples, batch,
+          warmup_epochs=FLAGS.warmup_epochs, total_steps=self.train_steps,
+          learning_rate_scaling=FLAGS.learning_rate_scaling)
+      self.optimizer = lars_optimizer.build_optimizer(
+          FLAGS.optimizer, schedule, momentum=FLAGS.momentum,
+          weight_decay=FLAGS.weight_decay)
+      self.global_step = self.optimizer.iterations
+      if FLAGS.train_mode == 'pretrain':
+        self.objective.build(self.num_train_examples, batch)
+      self.checkpoint = tf.train.Checkpoint(
+          model=self.model, optimizer=self.optimizer,
+          **self.objective.checkpoint_items())
+
+    latest = tf.train.latest_checkpoint(FLAGS.model_dir)
+    if latest:
+      try:
+        checkpoints.check_resume_fits(self.model, latest)
+      except checkpoints.CheckpointMismatchError as e:
+        raise ConfigError(str(e)) from e
+    elif FLAGS.mode == 'eval':
+      logging.info('No checkpoint in %s yet; eval waits for one.',
+                   FLAGS.model_dir)
+    self.checkpoint_manager = tf.train.CheckpointManager(
+        self.checkpoint, directory=FLAGS.model_dir,
+        max_to_keep=FLAGS.keep_checkpoint_max, step_counter=self.global_step,
+        checkpoint_interval=self.checkpoint_steps,
+        init_fn=self.initialize_new_run)
+
+  def initialize_new_run(self):
+    """Warm start and head zeroing, for a run with no checkpoint yet."""
+    if FLAGS.checkpoint:
+      path = checkpoints.resolve_checkpoint_path(FLAGS.checkpoint)
+      checkpoints.warm_start(self.model, path, FLAGS.variable_schema)
+    if FLAGS.zero_init_logits_layer and self.model.supervised_head is not None:
+      for variable in self.model.supervised_head.trainable_variables:
+        variable.assign(tf.zeros_like(variable))
+      logging.info('Zero-initialised the supervised head.')
+
+  def input_fn(self, is_training, batch_size):
+    split = FLAGS.train_split if is_training else FLAGS.eval_split
+    return data_lib.build_input_fn(
+        self.source, split, batch_size, is_training=is_training,
+        image_size=FLAGS.image_size, num_views=self.num_views,
+        train_mode=FLAGS.train_mode,
+        color_jitter_strength=FLAGS.color_jitter_strength,
+        use_blur=FLAGS.use_blur, cache_dataset=FLAGS.cache_dataset,
+        seed=FLAGS.seed)
+
+  def distributed_dataset(self, is_training):
+    batch = FLAGS.train_batch_size if is_training else FLAGS.eval_batch_size
+    return self.strategy.distribute_datasets_from_function(
+        self.input_fn(is_training, batch))
+
+  def controller(self, with_trainer, with_evaluator):
+    trainer = evaluator = None
+    actions = []
+    if with_trainer:
+      trainer = trainer_lib.Trainer(
+          self.strategy, self.model, self.optimizer, self.objective,
+          self.distributed_dataset(is_training=True),
+          train_mode=FLAGS.train_mode, optimizer_name=FLAGS.optimizer,
+          weight_decay=FLAGS.weight_decay)
+      self.progress = trainer_lib.ProgressLogger(
+          self.global_step, self.train_steps, FLAGS.train_batch_size)
+      actions.append(self.progress)
+    if with_evaluator:
+      evaluator = trainer_lib.Evaluator(
+          self.strategy, self.model,
+          self.distributed_dataset(is_training=False), self.num_classes,
+          optimizer_name=FLAGS.optimizer, weight_decay=FLAGS.weight_decay)
+    summaries_on = FLAGS.train_summary_steps != 0
+    eval_dir = 'eval_' + FLAGS.eval_name if FLAGS.eval_name else 'eval'
+    return orbit.Controller(
+        strategy=self.strategy, trainer=trainer, evaluator=evaluator,
+        global_step=self.global_step,
+        steps_per_loop=self.steps_per_loop if with_trainer else None,
+        checkpoint_manager=self.checkpoint_manager,
+        summary_dir=FLAGS.model_dir if summaries_on and with_trainer else None,
+        summary_interval=FLAGS.train_summary_steps or None,
+        eval_summary_dir=os.path.join(FLAGS.model_dir, eval_dir),
+        train_actions=actions)
+
+  def train(self, controller):
+    step = int(self.global_step.numpy())
+    if step >= self.train_steps:
+      logging.info('model_dir already holds step %d ≥ train_steps %d.',
+                   step, self.train_steps)
+      return
+    if FLAGS.train_summary_steps != 0:
+      preview = self.input_fn(True, min(8, FLAGS.train_batch_size))
+      write_view_grid(preview, self.num_views, FLAGS.model_dir, step)
+    logging.info('Training %s (%s) from step %d to %d: %d examples, global '
+                 'batch %d, %d replica(s).', FLAGS.objective,
+                 FLAGS.train_mode, step, self.train_steps,
+                 self.num_train_examples, FLAGS.train_batch_size,
+                 self.strategy.num_replicas_in_sync)
+    self.progress.start()
+    try:
+      controller.train(steps=self.train_steps)
+    except tf.errors.InvalidArgumentError as e:
+      unreadable = self.source.find_unreadable(FLAGS.train_split)
+      if unreadable:
+        raise ConfigError(
+            f'{len(unreadable)} unreadable image(s) in --train_split='
+            f'{FLAGS.train_split}: {", ".join(unreadable[:10])}. Remove or '
+            'replace them, or pass --skip_corrupt_images to skip them.'
+        ) from e
+      raise
+    checkpoints.export_saved_model(
+        self.model, FLAGS.model_dir, self.global_step.numpy(),
+        FLAGS.keep_hub_module_max)
+
+  def evaluate(self, controller):
+    """Evaluates the current weights; writes result.json and flags.json."""
+    outputs = controller.evaluate(steps=FLAGS.eval_steps or -1)
+    step = int(self.global_step.numpy())
+    result = {k: float(v) for k, v in outputs.items()}
+    result['global_step'] = step
+    logging.info('Eval at step %d: %s', step, result)
+    write_json(os.path.join(FLAGS.model_dir, 'result.json'), result)
+    write_json(os.path.join(FLAGS.model_dir, f'result_{step}.json'), result)
+    write_json(os.path.join(FLAGS.model_dir, 'flags.json'), json_flags())
+    print(f'Eval at step {step}: top-1 accuracy '
+          f'{result["label_top_1_accuracy"]:.4f}, top-5 accuracy '
+          f'{result["label_top_5_accuracy"]:.4f} '
+          f'({int(result["num_examples"])} examples of '
+          f'{FLAGS.eval_split}).')
+    return result
+
+
+def run(strategy=None):
+  """Builds the experiment from the flags and runs --mode."""
+  validate_flags()
+  strategy = strategy or build_strategy()
+  experiment = Experiment(strategy)
+  tf.io.gfile.makedirs(FLAGS.model_dir)
+  if FLAGS.mode == 'train':
+    experiment.train(experiment.controller(True, False))
+    return None
+  if FLAGS.mode == 'train_then_eval':
+    controller = experiment.controller(True, True)
+    experiment.train(controller)
+    return experiment.evaluate(controller)
+  controller = experiment.controller(False, True)
+  result = None
+  for path in tf.train.checkpoints_iterator(FLAGS.model_dir,
+                                            min_interval_secs=15):
+    controller.restore_checkpoint(path)
+    result = experiment.evaluate(controller)
+    checkpoints.export_saved_model(
+        experiment.model, FLAGS.model_dir, result['global_step'],
+        FLAGS.keep_hub_module_max)
+    if result['global_step'] >= experiment.train_steps:
+      logging.info('Eval reached train_steps; exiting.')
+      break
+  return result
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
+  if FLAGS.seed is not None:
+    tf.keras.utils.set_random_seed(FLAGS.seed)
+  try:
+    run()
+  except ConfigError as e:
+    logging.error('%s', e)
+    sys.exit(f'run.py: error: {e}')
+
+
+if __name__ == '__main__':
+  app.run(main)

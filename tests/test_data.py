@@ -1,0 +1,393 @@
+"""Tests for data.py: sources, dense ids, sharding, batches and errors."""
+import os
+
+import numpy as np
+import pytest
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+import data
+
+SHARED_CIFAR = '/work/shared/data/cifar10_jpeg/cifar10_jpeg.tar.gz'
+
+
+# ---------------------------------------------------------------- fixtures
+
+
+class DataTestTinyImages(tfds.core.GeneratorBasedBuilder):
+  """A tiny local TFDS dataset (no download) written into several shards."""
+
+  VERSION = tfds.core.Version('1.0.0')
+
+  def _info(self):
+    return tfds.core.DatasetInfo(
+        builder=self,
+        features=tfds.features.FeaturesDict({
+            'image': tfds.features.Image(shape=(8, 8, 3)),
+            'label': tfds.features.ClassLabel(num_classes=4),
+        }),
+        supervised_keys=('image', 'label'))
+
+  def _split_generators(self, dl_manager):
+    del dl_manager
+    return {'train': self._generate_examples(23, 0),
+            'test': self._generate_examples(9, 100)}
+
+  def _generate_examples(self, n, start):
+    for k in range(start, start + n):
+      image = np.zeros((8, 8, 3), np.uint8)
+      image[..., 0] = k
+      image[0, 0, 1] = k % 7
+      yield k, {'image': image, 'label': k % 4}
+
+
+@pytest.fixture(scope='module')
+def tfds_dir(tmp_path_factory):
+  data_dir = str(tmp_path_factory.mktemp('tfds'))
+  builder = DataTestTinyImages(data_dir=data_dir)
+  builder.download_and_prepare(
+      download_config=tfds.download.DownloadConfig(num_shards=3))
+  return data_dir
+
+
+def _write_image(path, array):
+  if path.endswith('.png'):
+    encoded = tf.io.encode_png(array)
+  else:
+    encoded = tf.io.encode_jpeg(array, quality=95)
+  tf.io.write_file(path, encoded)
+
+
+def _make_folder(root, counts, classes=('cat', 'dog', 'eel'), size=12):
+  """root/<split>/<class>/img_XX.{png,jpg}, each image distinct."""
+  rng = np.random.RandomState(0)
+  for split, n in counts.items():
+    for c in classes:
+      os.makedirs(os.path.join(root, split, c), exist_ok=True)
+      for i in range(n):
+        ext = 'png' if i % 2 else 'jpg'
+        array = rng.randint(0, 256, (size, size, 3)).astype(np.uint8)
+        _write_image(os.path.join(root, split, c, f'img_{i:02d}.{ext}'), array)
+  return root
+
+
+@pytest.fixture(scope='module')
+def folder(tmp_path_factory):
+  return _make_folder(str(tmp_path_factory.mktemp('folder')),
+                      {'train': 10, 'test': 3})
+
+
+@pytest.fixture(scope='module')
+def digits_source():
+  return data.get_data_source('digits', eval_split='test')
+
+
+def _source(kind, folder, tfds_dir, digits_source):
+  if kind == 'digits':
+    return digits_source, 'train'
+  if kind == 'folder':
+    return data.get_data_source(folder, eval_split='test'), 'train'
+  return data.get_data_source('data_test_tiny_images', data_dir=tfds_dir,
+                              eval_split='test'), 'train'
+
+
+def _collect(ds):
+  """{id: (image, label)} of one pass; fails on a repeated id."""
+  out = {}
+  for ex in ds.batch(128).as_numpy_iterator():
+    assert ex['image'].dtype == np.uint8 and ex['image'].shape[-1] == 3
+    assert ex['label'].dtype == np.int32 and ex['id'].dtype == np.int32
+    for i, image, label in zip(ex['id'], ex['image'], ex['label']):
+      assert int(i) not in out, f'id {i} seen twice'
+      out[int(i)] = (image, int(label))
+  return out
+
+
+# ---------------------------------------------------------------- digits
+
+
+def test_digits_split_and_images(digits_source):
+  from sklearn import datasets as sk_datasets
+  from sklearn import model_selection
+  src = digits_source
+  assert src.num_classes == 10 and src.image_shape == (32, 32, 3)
+  assert src.num_examples('train') == 1437
+  assert src.num_examples('test') == 360
+  assert src.num_examples('validation') == 360  # alias of 'test'
+  images, labels = src.arrays('train')
+  assert images.dtype == np.uint8 and images.shape == (1437, 32, 32, 3)
+  assert np.array_equal(images[..., 0], images[..., 1])
+  assert np.array_equal(images[..., 0], images[..., 2])
+  assert images.max() == 255 and images.min() == 0
+  # Independent split: ids follow the original order within each split.
+  d = sk_datasets.load_digits()
+  tr, te = model_selection.train_test_split(
+      np.arange(1797), test_size=0.2, random_state=0, stratify=d.target)
+  assert np.array_equal(labels, d.target[np.sort(tr)])
+  assert np.array_equal(src.arrays('test')[1], d.target[np.sort(te)])
+  # Upscaled content tracks the 8x8 original: block means correlate.
+  small = d.images[np.sort(tr)[:50]] * 255 / 16
+  blocks = images[:50, :, :, 0].reshape(50, 8, 4, 8, 4).mean(axis=(2, 4))
+  assert np.corrcoef(small.ravel(), blocks.ravel())[0, 1] > 0.9
+  # Deterministic across constructions.
+  again = data.DigitsSource()
+  assert np.array_equal(again.arrays('test')[0], src.arrays('test')[0])
+
+
+# ---------------------------------------------------------------- ids
+
+
+@pytest.mark.parametrize('kind', ['digits', 'folder', 'tfds'])
+def test_ids_dense_sharded_and_stable(kind, folder, tfds_dir, digits_source):
+  src, split = _source(kind, folder, tfds_dir, digits_source)
+  for s in (split, 'test'):
+    n = src.num_examples(s)
+    got = _collect(src.load(s))
+    assert sorted(got) == list(range(n))
+  n = src.num_examples(split)
+  full = _collect(src.load(split))
+  parts = []
+  for i in range(2):
+    ctx = tf.distribute.InputContext(num_input_pipelines=2,
+                                     input_pipeline_id=i,
+                                     num_replicas_in_sync=2)
+    parts.append(_collect(src.load(split, input_context=ctx)))
+  assert parts[0] and parts[1]
+  assert not set(parts[0]) & set(parts[1])
+  assert set(parts[0]) | set(parts[1]) == set(range(n))
+  for part in parts:
+    for i, (image, label) in part.items():
+      assert np.array_equal(image, full[i][0]) and label == full[i][1]
+  orders = []
+  for seed in (1, 2):
+    ds = src.load(split, shuffle_files=True, seed=seed)
+    got = _collect(ds)
+    assert sorted(got) == list(range(n))
+    for i, (image, label) in got.items():
+      assert np.array_equal(image, full[i][0]) and label == full[i][1]
+    orders.append([int(i) for i in ds.map(lambda e: e['id'])])
+  if kind != 'tfds':  # TFDS shuffles only its 3 files; orders may coincide.
+    assert orders[0] != orders[1]
+
+
+def test_folder_ids_follow_sorted_files(folder):
+  src = data.get_data_source(folder, eval_split='test')
+  assert src.num_classes == 3 and src.classes == ['cat', 'dog', 'eel']
+  assert src.num_examples('train') == 30 and src.num_examples('test') == 9
+  expected = []
+  for label, c in enumerate(sorted(os.listdir(os.path.join(folder, 'train')))):
+    for f in sorted(os.listdir(os.path.join(folder, 'train', c))):
+      expected.append((os.path.join(folder, 'train', c, f), label))
+  got = _collect(src.load('train'))
+  for i, (path, label) in enumerate(expected):
+    image = tf.io.decode_image(tf.io.read_file(path), channels=3).numpy()
+    assert np.array_equal(got[i][0], image) and got[i][1] == label
+
+
+def test_tfds_ids_are_file_positions(tfds_dir):
+  """id == position when the split's files are read in order, one by one."""
+  src = data.get_data_source('data_test_tiny_images', data_dir=tfds_dir,
+                             eval_split='test')
+  assert src.num_classes == 4 and src.image_shape == (8, 8, 3)
+  assert len(src.builder.info.splits['train'].shard_lengths) == 3
+  builder = tfds.builder('data_test_tiny_images', data_dir=tfds_dir)
+  ordered = builder.as_dataset(
+      'train', shuffle_files=False,
+      read_config=tfds.ReadConfig(interleave_cycle_length=1))
+  got = _collect(src.load('train'))
+  assert len(got) == 23
+  for pos, ex in enumerate(ordered.as_numpy_iterator()):
+    assert np.array_equal(got[pos][0], ex['image'])
+    assert got[pos][1] == ex['label']
+
+
+# ---------------------------------------------------------------- batches
+
+
+def _batches(input_fn, n):
+  return list(input_fn().take(n).as_numpy_iterator())
+
+
+@pytest.mark.parametrize('views', [2, 3])
+def test_pretrain_batches(views, digits_source):
+  fn = data.build_input_fn(digits_source, 'train', 8, is_training=True,
+                           image_size=32, num_views=views, seed=0)
+  ds = fn()
+  assert ds.element_spec['image'].shape.as_list() == [8, 32, 32, 3 * views]
+  (batch,) = _batches(fn, 1)
+  image = batch['image']
+  assert image.dtype == np.float32 and image.shape == (8, 32, 32, 3 * views)
+  assert image.min() >= 0.0 and image.max() <= 1.0
+  assert batch['label'].dtype == np.int32 and batch['id'].dtype == np.int32
+  assert batch['label'].shape == (8,) and batch['id'].shape == (8,)
+  # Labels travel with their ids.
+  labels = digits_source.arrays('train')[1]
+  assert np.array_equal(batch['label'], labels[batch['id']])
+  # Views of one image are independent draws.
+  v0, v1 = image[..., 0:3], image[..., 3:6]
+  differ = np.abs(v0 - v1).reshape(8, -1).max(axis=1) > 1e-3
+  assert differ.sum() >= 7
+
+
+@pytest.mark.parametrize('cache', [False, True])
+def test_training_drops_remainder_and_repeats(folder, cache):
+  src = data.get_data_source(folder, eval_split='test')
+  fn = data.build_input_fn(src, 'train', 7, is_training=True, image_size=16,
+                           train_mode='finetune', cache_dataset=cache, seed=0)
+  batches = _batches(fn, 10)  # 70 > 30 examples: crosses epochs.
+  assert len(batches) == 10
+  for b in batches:
+    assert b['image'].shape == (7, 16, 16, 3)  # finetune: one view
+    assert b['id'].shape == (7,)
+  ids = np.concatenate([b['id'] for b in batches])
+  assert set(ids) == set(range(30))
+
+
+def test_eval_covers_every_example_once(digits_source):
+  fn = data.build_input_fn(digits_source, 'test', 50, is_training=False,
+                           image_size=32)
+  batches = list(fn().as_numpy_iterator())
+  assert [len(b['id']) for b in batches] == [50] * 7 + [10]
+  ids = np.concatenate([b['id'] for b in batches])
+  assert sorted(ids) == list(range(360))
+  images, labels = digits_source.arrays('test')
+  for b in batches:
+    assert b['image'].shape[1:] == (32, 32, 3)
+    assert np.array_equal(b['label'], labels[b['id']])
+    # Eval at native 32x32: no crop, no resize -> exactly image / 255.
+    np.testing.assert_allclose(b['image'], images[b['id']] / 255.0,
+                               atol=1e-6)
+
+
+def test_distributed_eval_two_replicas(digits_source):
+  strategy = tf.distribute.MirroredStrategy(['/cpu:0', '/cpu:1'])
+  fn = data.build_input_fn(digits_source, 'test', 64, is_training=False,
+                           image_size=32)
+  dist = data.distribute(strategy, fn)
+  ids = []
+  for batch in dist:
+    for local in strategy.experimental_local_results(batch['id']):
+      assert local.shape[0] <= 32
+      ids.append(local.numpy())
+  assert sorted(np.concatenate(ids)) == list(range(360))
+
+
+# ---------------------------------------------------------------- errors
+
+
+def test_error_unknown_dataset():
+  with pytest.raises(ValueError) as e:
+    data.get_data_source('no_such_dataset_xyz')
+  msg = str(e.value)
+  assert 'no_such_dataset_xyz' in msg and 'digits' in msg
+  assert 'image folder' in msg
+
+
+def test_error_missing_path(tmp_path):
+  missing = str(tmp_path / 'nope')
+  with pytest.raises(ValueError, match='does not exist'):
+    data.get_data_source(missing)
+  with pytest.raises(ValueError, match='does not exist'):
+    data.get_data_source('./surely_not_here_dir')
+
+
+def test_error_missing_split_lists_available(folder):
+  with pytest.raises(ValueError) as e:
+    data.get_data_source(folder)  # default eval_split='validation'
+  msg = str(e.value)
+  assert "'validation'" in msg and "'test'" in msg and "'train'" in msg
+  with pytest.raises(ValueError, match='available splits'):
+    data.get_data_source('digits', eval_split='holdout')
+
+
+def test_error_empty_split_and_unknown_class(tmp_path):
+  root = str(tmp_path)
+  _make_folder(root, {'train': 2}, classes=('a', 'b'))
+  os.makedirs(os.path.join(root, 'empty', 'a'))
+  with pytest.raises(ValueError, match='no images'):
+    data.get_data_source(root, eval_split='empty')
+  _make_folder(root, {'other': 1}, classes=('a', 'zebra'))
+  with pytest.raises(ValueError, match="'zebra'"):
+    data.get_data_source(root, eval_split='other')
+
+
+def test_error_tfds_not_prepared(tmp_path):
+  for name in ('cifar10', 'data_test_tiny_images'):
+    with pytest.raises(ValueError) as e:
+      data.get_data_source(name, data_dir=str(tmp_path), eval_split='test')
+    msg = str(e.value)
+    assert name in msg and str(tmp_path) in msg
+    assert f'tfds build {name}' in msg and 'not prepared' in msg
+
+
+def test_error_tfds_unknown_split(tfds_dir):
+  with pytest.raises(ValueError) as e:
+    data.get_data_source('data_test_tiny_images', data_dir=tfds_dir,
+                         eval_split='validation')
+  assert "'validation'" in str(e.value) and "'test'" in str(e.value)
+
+
+# ---------------------------------------------------------------- corrupt
+
+
+def test_corrupt_files(tmp_path):
+  root = _make_folder(str(tmp_path), {'train': 3}, classes=('a', 'b'))
+  garbage = os.path.join(root, 'train', 'a', 'img_01b.jpg')
+  with open(garbage, 'wb') as f:
+    f.write(b'this is not a jpeg' * 20)
+  good = os.path.join(root, 'train', 'b', 'img_00.jpg')
+  truncated = os.path.join(root, 'train', 'b', 'img_00t.jpg')
+  with open(good, 'rb') as f:
+    payload = f.read()
+  with open(truncated, 'wb') as f:
+    f.write(payload[:len(payload) // 2])
+
+  src = data.get_data_source(root, eval_split=None)
+  assert src.num_examples('train') == 8
+  assert sorted(src.find_unreadable('train')) == sorted([garbage, truncated])
+  with pytest.raises(tf.errors.InvalidArgumentError):
+    list(src.load('train').as_numpy_iterator())
+
+  clean = data.get_data_source(root, eval_split=None, skip_corrupt_images=True)
+  assert clean.num_examples('train') == 6
+  paths, _ = clean.files('train')
+  assert garbage not in paths and truncated not in paths
+  got = _collect(clean.load('train'))
+  assert sorted(got) == list(range(6))
+  assert data.get_data_source('digits').find_unreadable('train') == []
+
+
+# ---------------------------------------------------------------- real data
+
+
+def test_real_cifar_jpeg_folder(tmp_path):
+  """A few files of the shared CIFAR-10 JPEG archive as a folder source."""
+  import tarfile
+  if not os.path.exists(SHARED_CIFAR):
+    pytest.skip('shared CIFAR-10 JPEG archive not available')
+  per_class = {}
+  with tarfile.open(SHARED_CIFAR, 'r:gz') as tar:
+    for member in tar:  # The archive starts with train/<class>/ folders.
+      parts = member.name.lstrip('./').split('/')
+      if not member.isfile() or len(parts) != 3 or parts[0] != 'train':
+        continue
+      if parts[1] not in per_class and len(per_class) == 2:
+        break
+      names = per_class.setdefault(parts[1], [])
+      if len(names) < 3:
+        member.name = '/'.join(parts)
+        tar.extract(member, str(tmp_path), filter='data')
+        names.append(parts[2])
+  classes = sorted(per_class)
+  if len(classes) < 2 or any(len(per_class[c]) < 3 for c in classes):
+    pytest.skip('unexpected archive layout')
+  src = data.get_data_source(str(tmp_path), eval_split=None)
+  assert src.classes == classes and src.num_examples('train') == 6
+  paths, labels = src.files('train')
+  expected = [os.path.join(str(tmp_path), 'train', c, n)
+              for c in classes for n in sorted(per_class[c])]
+  assert paths == expected and labels == [0, 0, 0, 1, 1, 1]
+  got = _collect(src.load('train'))
+  assert sorted(got) == list(range(6))
+  assert all(v[0].shape == (32, 32, 3) for v in got.values())
+  assert all(v[0].std() > 0 for v in got.values())  # real photos

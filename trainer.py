@@ -1,0 +1,191 @@
+"""Orbit trainer and evaluator (the loops `run.py` hands to orbit.Controller).
+
+The trainer runs one optimisation step per batch on every replica:
+contrastive loss from the objective (pretraining), cross-entropy of the
+supervised head (linear eval while pretraining, or fine-tuning) and the
+explicit weight-decay term; the sum is divided by the number of replicas
+because gradients are summed across replicas (SPEC §4).
+"""
+
+import time
+
+from absl import logging
+import orbit
+import tensorflow as tf
+import tf_keras
+
+import lars_optimizer
+
+
+def _mean_metric(name):
+  return tf_keras.metrics.Mean(name)
+
+
+class Trainer(orbit.StandardTrainer):
+  """Pretraining / fine-tuning step on a distributed dataset."""
+
+  def __init__(self, strategy, model, optimizer, objective, train_dataset,
+               train_mode='pretrain', optimizer_name='lars',
+               weight_decay=0.0):
+    self.strategy = strategy
+    self.model = model
+    self.optimizer = optimizer
+    self.objective = objective
+    self.train_mode = train_mode
+    self.optimizer_name = optimizer_name
+    self.weight_decay = weight_decay
+    names = ['loss', 'weight_decay']
+    if train_mode == 'pretrain':
+      names += list(objective.metric_names)
+    if model.supervised_head is not None:
+      names += ['supervised_loss', 'supervised_acc']
+    with strategy.scope():
+      self.global_step = optimizer.iterations
+      self._metrics = {'train/' + n: _mean_metric('train/' + n) for n in names}
+    super().__init__(
+        train_dataset,
+        options=orbit.StandardTrainerOptions(use_tf_while_loop=True))
+
+  def train_loop_begin(self):
+    for metric in self._metrics.values():
+      metric.reset_state()
+
+  def train_step(self, iterator):
+    num_replicas = self.strategy.num_replicas_in_sync
+
+    def step_fn(batch):
+      with tf.GradientTape() as tape:
+        projections, logits = self.model(batch['image'], training=True)
+        loss = 0.0
+        scalars = {}
+        if self.train_mode == 'pretrain':
+          contrast_loss, con_metrics = self.objective.loss(projections, batch)
+          loss += contrast_loss
+          scalars.update(con_metrics)
+        if logits is not None:
+          num_views = tf.shape(logits)[0] // tf.shape(batch['label'])[0]
+          labels = tf.tile(batch['label'], [num_views])
+          sup_loss = tf.reduce_mean(
+              tf.nn.sparse_softmax_cross_entropy_with_logits(
+                  labels=labels, logits=logits))
+          loss += sup_loss
+          scalars['supervised_loss'] = sup_loss
+          scalars['supervised_acc'] = tf.reduce_mean(tf.cast(
+              tf.equal(tf.argmax(logits, -1, output_type=tf.int32), labels),
+              tf.float32))
+        wd_loss = lars_optimizer.weight_decay_loss(
+            self.model.trainable_variables, self.optimizer_name,
+            self.weight_decay)
+        loss += wd_loss
+        scalars['weight_decay'] = wd_loss
+        scalars['loss'] = loss
+        scaled_loss = loss / num_replicas
+      variables = self.model.trainable_variables
+      grads = tape.gradient(scaled_loss, variables)
+      self.optimizer.apply_gradients(zip(grads, variables))
+      for name, value in scalars.items():
+        self._metrics['train/' + name].update_state(value)
+
+    self.strategy.run(step_fn, args=(next(iterator),))
+
+  def train_loop_end(self):
+    results = {name: m.result() for name, m in self._metrics.items()}
+    lr = self.optimizer.learning_rate
+    if callable(lr):
+      lr = lr(self.optimizer.iterations)
+    results['train/learning_rate'] = lr
+    return results
+
+
+class Evaluator(orbit.StandardEvaluator):
+  """Top-1 / top-5 accuracy of the supervised head on the eval split."""
+
+  def __init__(self, strategy, model, eval_dataset, num_classes,
+               optimizer_name='lars', weight_decay=0.0):
+    self.strategy = strategy
+    self.model = model
+    self.optimizer_name = optimizer_name
+    self.weight_decay = weight_decay
+    with strategy.scope():
+      self.top_1 = tf_keras.metrics.SparseTopKCategoricalAccuracy(
+          1, name='label_top_1_accuracy')
+      self.top_5 = tf_keras.metrics.SparseTopKCategoricalAccuracy(
+          min(5, num_classes), name='label_top_5_accuracy')
+      self.regularization_loss = _mean_metric('regularization_loss')
+      self.num_examples = tf_keras.metrics.Sum('num_examples')
+    super().__init__(
+        eval_dataset,
+        options=orbit.StandardEvaluatorOptions(use_tf_while_loop=False))
+
+  def eval_begin(self):
+    for metric in self._all_metrics():
+      metric.reset_state()
+
+  def _all_metrics(self):
+    return [self.top_1, self.top_5, self.regularization_loss,
+            self.num_examples]
+
+  def eval_step(self, iterator):
+
+    def step_fn(batch):
+      _, logits = self.model(batch['image'], training=False)
+      self.top_1.update_state(batch['label'], logits)
+      self.top_5.update_state(batch['label'], logits)
+      self.num_examples.update_state(
+          tf.cast(tf.shape(batch['label'])[0], tf.float32))
+      self.regularization_loss.update_state(
+          lars_optimizer.weight_decay_loss(
+              self.model.trainable_variables, self.optimizer_name,
+              self.weight_decay))
+
+    self.strategy.run(step_fn, args=(next(iterator),))
+
+  def eval_end(self):
+    return {m.name: m.result() for m in self._all_metrics()}
+
+
+class ProgressLogger:
+  """Orbit train action: one line per host loop with speed and ETA."""
+
+  def __init__(self, global_step, total_steps, global_batch_size):
+    self.global_step = global_step
+    self.total_steps = total_steps
+    self.global_batch_size = global_batch_size
+    self._last_time = None
+    self._last_step = None
+
+  def start(self):
+    self._last_time = time.time()
+    self._last_step = int(self.global_step.numpy())
+
+  def __call__(self, outputs):
+    step = int(self.global_step.numpy())
+    now = time.time()
+    if self._last_time is None:
+      self._last_time, self._last_step = now, step
+      return
+    elapsed = max(now - self._last_time, 1e-9)
+    steps_per_sec = (step - self._last_step) / elapsed
+    images_per_sec = steps_per_sec * self.global_batch_size
+    remaining = self.total_steps - step
+    eta = remaining / steps_per_sec if steps_per_sec > 0 else float('inf')
+    loss = outputs.get('train/loss') if outputs else None
+    loss_text = f' | loss {float(loss):.4f}' if loss is not None else ''
+    logging.info('step %d/%d%s | %.2f steps/s | %.1f images/s | ETA %s',
+                 step, self.total_steps, loss_text, steps_per_sec,
+                 images_per_sec, format_duration(eta))
+    self._last_time, self._last_step = now, step
+
+
+def format_duration(seconds):
+  """'1h02m03s' style duration; '?' when unknown."""
+  if seconds != seconds or seconds == float('inf'):
+    return '?'
+  seconds = int(round(seconds))
+  hours, rest = divmod(seconds, 3600)
+  minutes, secs = divmod(rest, 60)
+  if hours:
+    return f'{hours}h{minutes:02d}m{secs:02d}s'
+  if minutes:
+    return f'{minutes}m{secs:02d}s'
+  return f'{secs}s'
