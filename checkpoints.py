@@ -123,17 +123,8 @@ def check_resume_fits(model, path):
         + (f'\nNot in the checkpoint:{_listing(missing)}' if missing else ''))
 
 
-def warm_start(model, path, variable_schema):
-  """Restores the model variables matched by the schema from `path`.
-
-  No step, optimizer slots or objective state are read. A matched variable
-  with a different shape, or a backbone variable absent from the checkpoint,
-  is an error naming them; matched head variables absent from the
-  checkpoint keep their initial values (logged).
-
-  Returns:
-    The names of the restored variables.
-  """
+def _plan_warm_start(model, path, variable_schema):
+  """(reader, [(key, variable)] to restore); raises if the checkpoint misfits."""
   pattern = compile_schema(variable_schema)
   reader, to_restore, missing, mismatched = _compare(model, path, pattern)
   missing_backbone = [n for n in missing if n.startswith(BACKBONE_PREFIX)]
@@ -148,6 +139,26 @@ def warm_start(model, path, variable_schema):
         "'(?!global_step|(?:.*/|^)Momentum|head_supervised)'.")
   if missing:
     logging.warning('Not in %s, left at initial values: %s', path, missing)
+  return reader, to_restore
+
+
+def check_warm_start_fits(model, path, variable_schema):
+  """Raises CheckpointMismatchError if `warm_start` would fail; reads no values."""
+  _plan_warm_start(model, path, variable_schema)
+
+
+def warm_start(model, path, variable_schema):
+  """Restores the model variables matched by the schema from `path`.
+
+  No step, optimizer slots or objective state are read. A matched variable
+  with a different shape, or a backbone variable absent from the checkpoint,
+  is an error naming them; matched head variables absent from the
+  checkpoint keep their initial values (logged).
+
+  Returns:
+    The names of the restored variables.
+  """
+  reader, to_restore = _plan_warm_start(model, path, variable_schema)
   for key, var in to_restore:
     var.assign(reader.get_tensor(key))
   restored = [key[len(MODEL_KEY) + 1:-len(VALUE_SUFFIX)]
@@ -157,17 +168,23 @@ def warm_start(model, path, variable_schema):
   return restored
 
 
-class _ExportModule(tf.Module):
-  """Images in [0, 1] → {'features', 'projection', 'logits'}."""
+def _export_module(model):
+  """A tf.Module serving images in [0, 1] → {'features', 'projection', 'logits'}.
 
-  def __init__(self, model):
-    super().__init__()
-    self.model = model
+  It tracks the model's variables, not the Keras model itself: saving a Keras
+  model traces every layer's call functions, which is several times slower
+  and adds nothing a consumer of the encoder needs.
+  """
+  module = tf.Module()
+  module.model_variables = list(model.variables)
 
   @tf.function(input_signature=[
       tf.TensorSpec([None, None, None, 3], tf.float32, name='images')])
-  def serve(self, images):
-    return self.model.outputs_dict(images, training=False)
+  def serve(images):
+    return model.outputs_dict(images, training=False)
+
+  module.serve = serve
+  return module
 
 
 def export_saved_model(model, model_dir, step, keep_max):
@@ -182,7 +199,7 @@ def export_saved_model(model, model_dir, step, keep_max):
   for stale in (tmp_dir, final_dir):
     if tf.io.gfile.exists(stale):
       tf.io.gfile.rmtree(stale)
-  module = _ExportModule(model)
+  module = _export_module(model)
   tf.saved_model.save(module, tmp_dir,
                       signatures={'serving_default': module.serve})
   tf.io.gfile.rename(tmp_dir, final_dir)

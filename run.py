@@ -25,6 +25,7 @@ import data as data_lib
 import lars_optimizer
 import model as model_lib
 import objective as obj_lib
+import sogcl  # noqa: F401  (registers --objective=sogclr)
 import trainer as trainer_lib
 from official.common import distribute_utils
 
@@ -134,6 +135,23 @@ flags.DEFINE_integer('train_summary_steps', None,
                      'Training summary period in steps; 0 = off; unset = '
                      'once per host loop (steps_per_loop).')
 
+# --- SogCLR ---
+flags.DEFINE_bool('DCL_mode', False, 'SogCLR: train with the dynamic '
+                  'contrastive loss (the same as --objective=sogclr).')
+flags.DEFINE_bool('GCL_mode', None, 'Older name of --DCL_mode.')
+flags.DEFINE_bool('BI_mode', None, 'Older name of --DCL_mode.')
+flags.DEFINE_float('gamma', 0.99, 'SogCLR: weight of the current batch in '
+                   'the moving average u of each example (the README recipe '
+                   'uses 0.9).')
+flags.DEFINE_enum('dcl_u_store', 'sum', ['sum', 'mean'],
+                  'SogCLR: what is stored in u[i] after a step: u_a + u_b '
+                  '(sum, the paper code; needs gamma > 0.5) or their mean '
+                  '(the later PyTorch / LibAUC code).')
+flags.DEFINE_float('crop_area_min', 0.08,
+                   'The min value of random cropped region.')
+flags.DEFINE_integer('num_classes', 0, 'Number of classes of the supervised '
+                     'head; 0 = from the dataset.')
+
 # --- New. ---
 flags.DEFINE_string('objective', 'simclr', 'The contrastive objective.')
 flags.DEFINE_integer('steps_per_loop', 0,
@@ -159,9 +177,48 @@ def projection_layer_count():
           'nonlinear': FLAGS.num_proj_layers}[FLAGS.proj_head_mode]
 
 
+def _flag_given(name):
+  """Whether flag `name` was passed (command line, flagfile or assignment)."""
+  flag = FLAGS[name]
+  return bool(flag.present) or flag.value != flag.default
+
+
+def map_legacy_switches():
+  """Maps SogCLR's --DCL_mode (older names --GCL_mode, --BI_mode) onto
+  --objective and checks the SogCLR-era flags; returns error messages.
+
+  A switch set to true turns the default --objective=simclr into sogclr; a
+  contradiction (another --objective, or the names disagreeing, or an
+  explicit false next to --objective=sogclr) is an error naming both flags.
+  """
+  errors = []
+  given = {name: FLAGS[name].value
+           for name in ('DCL_mode', 'GCL_mode', 'BI_mode')
+           if _flag_given(name) and FLAGS[name].value is not None}
+  if len(set(given.values())) > 1:
+    errors.append(' contradicts '.join(
+        f'--{name}={str(value).lower()}' for name, value in given.items()) +
+                  ' (they are names of the same switch).')
+  elif given:
+    name, value = next(iter(given.items()))
+    if value and not _flag_given('objective'):
+      FLAGS.objective = 'sogclr'
+    elif value and FLAGS.objective != 'sogclr':
+      errors.append(f'--{name}=true selects --objective=sogclr but '
+                    f'--objective={FLAGS.objective}; pass only one of them.')
+    elif not value and FLAGS.objective == 'sogclr':
+      errors.append(f'--{name}=false contradicts --objective=sogclr.')
+  if not 0.0 < FLAGS.crop_area_min <= 1.0:
+    errors.append(f'--crop_area_min={FLAGS.crop_area_min} must be in (0, 1].')
+  if FLAGS.num_classes < 0:
+    errors.append('--num_classes must not be negative (0 = from the '
+                  'dataset).')
+  return errors
+
+
 def validate_flags():
   """Rejects flag combinations that cannot work, naming the flags."""
-  errors = []
+  errors = map_legacy_switches()
   if not FLAGS.model_dir:
     errors.append('--model_dir is required (checkpoints, summaries and '
                   'results are written there).')
@@ -322,14 +379,19 @@ class Experiment:
     try:
       self.source = data_lib.get_data_source(
           FLAGS.dataset, data_dir=FLAGS.data_dir,
-          train_split=FLAGS.train_split, eval_split=FLAGS.eval_split,
+          train_split=FLAGS.train_split,
+          eval_split=None if FLAGS.mode == 'train' else FLAGS.eval_split,
           skip_corrupt_images=FLAGS.skip_corrupt_images)
       self.num_train_examples = self.source.num_examples(FLAGS.train_split)
       if FLAGS.mode != 'train':
         self.num_eval_examples = self.source.num_examples(FLAGS.eval_split)
     except (ValueError, FileNotFoundError, KeyError) as e:
       raise ConfigError(str(e)) from e
-    self.num_classes = self.source.num_classes
+    self.num_classes = FLAGS.num_classes or self.source.num_classes
+    if self.num_classes < self.source.num_classes:
+      raise ConfigError(f'--num_classes={FLAGS.num_classes} is smaller than '
+                        f'the {self.source.num_classes} classes of '
+                        f'--dataset={FLAGS.dataset}.')
     batch = FLAGS.train_batch_size
     if FLAGS.mode != 'eval' and batch > self.num_train_examples:
       raise ConfigError(f'--train_batch_size={batch} exceeds the '
@@ -374,12 +436,16 @@ class Experiment:
           **self.objective.checkpoint_items())
 
     latest = tf.train.latest_checkpoint(FLAGS.model_dir)
-    if latest:
-      try:
+    try:
+      if latest:
         checkpoints.check_resume_fits(self.model, latest)
-      except checkpoints.CheckpointMismatchError as e:
-        raise ConfigError(str(e)) from e
-    elif FLAGS.mode == 'eval':
+      elif FLAGS.checkpoint:
+        checkpoints.check_warm_start_fits(
+            self.model, checkpoints.resolve_checkpoint_path(FLAGS.checkpoint),
+            FLAGS.variable_schema)
+    except checkpoints.CheckpointMismatchError as e:
+      raise ConfigError(str(e)) from e
+    if not latest and FLAGS.mode == 'eval':
       logging.info('No checkpoint in %s yet; eval waits for one.',
                    FLAGS.model_dir)
     self.checkpoint_manager = tf.train.CheckpointManager(
@@ -406,7 +472,7 @@ class Experiment:
         train_mode=FLAGS.train_mode,
         color_jitter_strength=FLAGS.color_jitter_strength,
         use_blur=FLAGS.use_blur, cache_dataset=FLAGS.cache_dataset,
-        seed=FLAGS.seed)
+        crop_area_min=FLAGS.crop_area_min, seed=FLAGS.seed)
 
   def distributed_dataset(self, is_training):
     batch = FLAGS.train_batch_size if is_training else FLAGS.eval_batch_size

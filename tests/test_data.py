@@ -7,6 +7,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 import data
+from conftest import two_replica_strategy
 
 SHARED_CIFAR = '/work/shared/data/cifar10_jpeg/cifar10_jpeg.tar.gz'
 
@@ -260,7 +261,7 @@ def test_eval_covers_every_example_once(digits_source):
 
 
 def test_distributed_eval_two_replicas(digits_source):
-  strategy = tf.distribute.MirroredStrategy(['/cpu:0', '/cpu:1'])
+  strategy = two_replica_strategy()
   fn = data.build_input_fn(digits_source, 'test', 64, is_training=False,
                            image_size=32)
   dist = data.distribute(strategy, fn)

@@ -1,0 +1,301 @@
+"""Trainer / Evaluator: 2 replicas x b == 1 replica x 2b (SPEC §4), metrics,
+weight decay, evaluation counts, progress formatting."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+import tf_keras
+
+from conftest import two_replica_strategy
+import lars_optimizer
+import model as model_lib
+import objective as obj_lib
+import trainer as trainer_lib
+
+SIZE = 16
+B = 4  # per-replica batch
+NUM_CLASSES = 5
+LR = 0.1
+WD = 1e-4
+
+
+def _one_replica_strategy():
+  return tf.distribute.OneDeviceStrategy('/cpu:0')
+
+
+def _dataset_arrays(n=2 * B, views=2, seed=0):
+  rng = np.random.default_rng(seed)
+  return {
+      'image': rng.uniform(size=(n, SIZE, SIZE, 3 * views)).astype(np.float32),
+      'label': rng.integers(0, NUM_CLASSES, size=n).astype(np.int32),
+      'id': np.arange(n, dtype=np.int32),
+  }
+
+
+def _distributed(strategy, arrays, batch_size, repeat=True):
+  ds = tf.data.Dataset.from_tensor_slices(arrays)
+  if repeat:
+    ds = ds.repeat()
+  ds = ds.batch(batch_size)
+  return strategy.experimental_distribute_dataset(ds)
+
+
+def _build_model(strategy, global_bn, **kwargs):
+  args = dict(num_classes=NUM_CLASSES, resnet_depth=18, width_multiplier=0.25,
+              cifar_stem=True, proj_out_dim=16, global_bn=global_bn)
+  args.update(kwargs)
+  with strategy.scope():
+    model = model_lib.Model(**args)
+    model(tf.zeros([1, SIZE, SIZE, 6]), training=False)
+  return model
+
+
+def _reference_weights(model):
+  """Initial weights with every BN γ/β randomised, so that no gradient is
+  trivially zero (the zero-initialised last γ of each block would otherwise
+  cut the gradient of the convs before it)."""
+  rng = np.random.default_rng(42)
+  weights = []
+  for var in model.weights:
+    value = var.numpy()
+    name = var.name.split(':')[0]
+    if name.endswith('gamma'):
+      value = rng.uniform(0.5, 1.5, size=value.shape).astype(np.float32)
+    elif name.endswith('beta'):
+      value = rng.normal(0, 0.1, size=value.shape).astype(np.float32)
+    weights.append(value)
+  return weights
+
+
+def _one_step(strategy, global_bn, weights, arrays, optimizer_name='lars'):
+  """Builds model + optimizer + trainer under `strategy`, sets `weights`,
+  runs one step on the global batch `arrays`; returns numpy results."""
+  model = _build_model(strategy, global_bn)
+  model.set_weights(weights)
+  with strategy.scope():
+    optimizer = lars_optimizer.build_optimizer(optimizer_name, LR,
+                                               weight_decay=WD)
+  objective = obj_lib.SimCLR(temperature=0.2)
+  dataset = _distributed(strategy, arrays, len(arrays['label']))
+  trainer = trainer_lib.Trainer(strategy, model, optimizer, objective,
+                                dataset, optimizer_name=optimizer_name,
+                                weight_decay=WD)
+  outputs = trainer.train(tf.constant(1))
+  trainable = model.trainable_variables
+  slots = ([optimizer.get_slot(v, 'Momentum').numpy() for v in trainable]
+           if optimizer_name == 'lars' else None)
+  return {
+      'outputs': {k: float(v) for k, v in outputs.items()},
+      'trainable': [v.numpy() for v in trainable],
+      'names': [v.name for v in trainable],
+      'moving': [v.numpy() for v in model.non_trainable_variables],
+      'slots': slots,
+      'iterations': int(optimizer.iterations.numpy()),
+  }
+
+
+@pytest.fixture(scope='module')
+def step_results():
+  arrays = _dataset_arrays()
+  reference = _build_model(two_replica_strategy(), True)
+  weights = _reference_weights(reference)
+  return {
+      'arrays': arrays,
+      'weights': weights,
+      'two_global': _one_step(two_replica_strategy(), True, weights, arrays),
+      'one': _one_step(_one_replica_strategy(), True, weights, arrays),
+  }
+
+
+def test_distribute_dataset_splits_global_batch_in_order():
+  strategy = two_replica_strategy()
+  arrays = _dataset_arrays(n=4 * B)
+  dist = iter(_distributed(strategy, arrays, 2 * B, repeat=False))
+  for step in range(2):
+    per_replica = strategy.experimental_local_results(next(dist)['id'])
+    assert len(per_replica) == 2
+    for r, ids in enumerate(per_replica):
+      start = step * 2 * B + r * B
+      np.testing.assert_array_equal(ids.numpy(), np.arange(start, start + B))
+
+
+def test_two_replicas_equal_one_replica_double_batch(step_results):
+  two, one = step_results['two_global'], step_results['one']
+  assert two['iterations'] == one['iterations'] == 1
+  for key in ('train/loss', 'train/contrast_loss', 'train/supervised_loss',
+              'train/weight_decay', 'train/contrast_acc'):
+    np.testing.assert_allclose(two['outputs'][key], one['outputs'][key],
+                               rtol=1e-5, err_msg=key)
+  assert two['names'] == one['names']
+  weights_before = step_results['weights']
+  # Updated weights: all trainable variables after the LARS step.
+  for name, a, b in zip(two['names'], two['trainable'], one['trainable']):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7, err_msg=name)
+  # The update itself (momentum slot = lr·trust·g after one step) agrees
+  # closely; this is what the step changes, without cancellation.
+  num_moved = 0
+  for name, a, b in zip(two['names'], two['slots'], one['slots']):
+    scale = np.abs(b).max()
+    num_moved += scale > 0
+    np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4 * scale + 1e-12,
+                               err_msg=name)
+  assert num_moved == len(two['names'])  # every variable got a gradient
+  # BN moving statistics (mean of the replicas' copies) agree too.
+  assert len(two['moving']) == len(one['moving']) > 10
+  for a, b in zip(two['moving'], one['moving']):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+  # The step changed the weights.
+  assert any(not np.allclose(w, a) for w, a in
+             zip(weights_before, [*two['trainable']]))
+
+
+def test_without_global_bn_two_replicas_differ(step_results):
+  """Control: per-replica BN statistics change the result, so the
+  equivalence test above can fail."""
+  arrays, weights = step_results['arrays'], step_results['weights']
+  local = _one_step(two_replica_strategy(), False, weights, arrays)
+  one = step_results['one']
+  assert not np.isclose(local['outputs']['train/loss'],
+                        one['outputs']['train/loss'], rtol=1e-3)
+  num_diff = sum(
+      not np.allclose(a, b, rtol=1e-3, atol=1e-4 * np.abs(b).max())
+      for a, b in zip(local['slots'], one['slots']))
+  assert num_diff > len(one['slots']) // 2
+  moving_diff = sum(not np.allclose(a, b, rtol=1e-4, atol=1e-6)
+                    for a, b in zip(local['moving'], one['moving']))
+  assert moving_diff > 0
+
+
+def test_train_metrics_and_iterations():
+  strategy = two_replica_strategy()
+  model = _build_model(strategy, True)
+  with strategy.scope():
+    optimizer = lars_optimizer.build_optimizer('lars', LR, weight_decay=WD)
+  arrays = _dataset_arrays(n=4 * B, seed=3)
+  trainer = trainer_lib.Trainer(
+      strategy, model, optimizer, obj_lib.SimCLR(temperature=0.2),
+      _distributed(strategy, arrays, 2 * B), weight_decay=WD)
+  outputs = trainer.train(tf.constant(2))
+  for key in ('train/loss', 'train/contrast_loss', 'train/contrast_acc',
+              'train/supervised_loss', 'train/learning_rate',
+              'train/weight_decay'):
+    assert key in outputs, key
+    assert np.isfinite(float(outputs[key])), key
+  assert int(optimizer.iterations.numpy()) == 2
+  np.testing.assert_allclose(float(outputs['train/learning_rate']), LR)
+  assert 0.0 <= float(outputs['train/contrast_acc']) <= 1.0
+  # loss = contrast + supervised + weight decay (averaged over the 2 steps).
+  np.testing.assert_allclose(
+      float(outputs['train/loss']),
+      float(outputs['train/contrast_loss']) +
+      float(outputs['train/supervised_loss']) +
+      float(outputs['train/weight_decay']), rtol=1e-5)
+  assert float(outputs['train/weight_decay']) > 0
+  trainer.train(tf.constant(1))
+  assert int(optimizer.iterations.numpy()) == 3
+
+
+def test_weight_decay_metric_momentum(step_results):
+  strategy = two_replica_strategy()
+  model = _build_model(strategy, True)
+  model.set_weights(step_results['weights'])
+  bn_vars = set()
+  for layer in model.submodules:
+    if isinstance(layer, tf_keras.layers.BatchNormalization):
+      bn_vars.update(id(v) for v in layer.weights)
+  expected = WD * sum(0.5 * np.sum(v.numpy().astype(np.float64)**2)
+                      for v in model.trainable_variables
+                      if id(v) not in bn_vars)
+  assert len(bn_vars) > 0
+  with strategy.scope():
+    optimizer = lars_optimizer.build_optimizer('momentum', LR)
+  trainer = trainer_lib.Trainer(
+      strategy, model, optimizer, obj_lib.SimCLR(temperature=0.2),
+      _distributed(strategy, step_results['arrays'], 2 * B),
+      optimizer_name='momentum', weight_decay=WD)
+  outputs = trainer.train(tf.constant(1))
+  np.testing.assert_allclose(float(outputs['train/weight_decay']), expected,
+                             rtol=1e-5)
+  # Not the LARS term (supervised kernel only), which is much smaller.
+  kernel = step_results['weights'][[
+      i for i, v in enumerate(model.weights)
+      if 'head_supervised' in v.name and 'kernel' in v.name][0]]
+  assert expected > 2 * WD * 0.5 * np.sum(kernel.astype(np.float64)**2)
+
+
+def test_evaluator_known_predictions():
+  strategy = two_replica_strategy()
+  model = _build_model(strategy, True)
+  dense = model.head_supervised.linear_layer.dense
+  # Every image is predicted as class 3.
+  bias = np.eye(NUM_CLASSES, dtype=np.float32)[3]
+  dense.kernel.assign(tf.zeros_like(dense.kernel))
+  dense.bias.assign(bias)
+  n = 9  # batches of 4, 4, 1: the last leaves one replica empty
+  rng = np.random.default_rng(7)
+  arrays = {
+      'image': rng.uniform(size=(n, SIZE, SIZE, 3)).astype(np.float32),
+      'label': rng.integers(0, NUM_CLASSES, size=n).astype(np.int32),
+      'id': np.arange(n, dtype=np.int32),
+  }
+  arrays['label'][:3] = 3
+  dataset = _distributed(strategy, arrays, 4, repeat=False)
+  evaluator = trainer_lib.Evaluator(strategy, model, dataset, NUM_CLASSES)
+  results = evaluator.evaluate(tf.constant(-1))
+  assert float(results['num_examples']) == n
+  np.testing.assert_allclose(float(results['label_top_1_accuracy']),
+                             np.mean(arrays['label'] == 3), rtol=1e-6)
+  # A second evaluation starts from zero again.
+  results = evaluator.evaluate(tf.constant(-1))
+  assert float(results['num_examples']) == n
+
+
+def test_evaluator_top5_ranking():
+  """Fixed ranking 3 > 0 > 1 > 4 > 2 > 5: class 5 is never in the top 5."""
+  strategy = two_replica_strategy()
+  model = _build_model(strategy, True, num_classes=6)
+  dense = model.head_supervised.linear_layer.dense
+  bias = np.array([0.5, 0.4, -1.0, 1.0, 0.0, -2.0], np.float32)
+  dense.kernel.assign(tf.zeros_like(dense.kernel))
+  dense.bias.assign(bias)
+  labels = np.array([5, 5, 2, 3, 0, 5], np.int32)
+  arrays = {
+      'image': np.zeros((6, SIZE, SIZE, 3), np.float32),
+      'label': labels,
+      'id': np.arange(6, dtype=np.int32),
+  }
+  evaluator = trainer_lib.Evaluator(
+      strategy, model, _distributed(strategy, arrays, 4, repeat=False), 6)
+  results = evaluator.evaluate(tf.constant(-1))
+  np.testing.assert_allclose(float(results['label_top_5_accuracy']), 0.5)
+  np.testing.assert_allclose(float(results['label_top_1_accuracy']), 1 / 6)
+  assert float(results['num_examples']) == 6
+
+
+def test_format_duration():
+  assert trainer_lib.format_duration(3725) == '1h02m05s'
+  assert trainer_lib.format_duration(65) == '1m05s'
+  assert trainer_lib.format_duration(7) == '7s'
+  assert trainer_lib.format_duration(float('inf')) == '?'
+  assert trainer_lib.format_duration(float('nan')) == '?'
+
+
+def test_progress_logger_logs_speed_and_eta(monkeypatch):
+  step = tf.Variable(0, dtype=tf.int64)
+  logger = trainer_lib.ProgressLogger(step, total_steps=100,
+                                      global_batch_size=8)
+  clock = iter([1000.0, 1010.0])
+  monkeypatch.setattr(trainer_lib.time, 'time', lambda: next(clock))
+  messages = []
+  monkeypatch.setattr(trainer_lib.logging, 'info',
+                      lambda fmt, *args: messages.append(fmt % args))
+  logger.start()
+  step.assign(10)
+  logger({'train/loss': tf.constant(1.5)})
+  assert len(messages) == 1
+  # 10 steps in 10 s: 1 step/s, 8 images/s, 90 steps left -> 1m30s.
+  assert 'step 10/100' in messages[0]
+  assert 'loss 1.5000' in messages[0]
+  assert '1.00 steps/s' in messages[0]
+  assert '8.0 images/s' in messages[0]
+  assert 'ETA 1m30s' in messages[0]
