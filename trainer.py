@@ -93,7 +93,8 @@ class Trainer(orbit.StandardTrainer):
     lr = self.optimizer.learning_rate
     if callable(lr):
       lr = lr(self.optimizer.iterations)
-    results['train/learning_rate'] = lr
+    # A value, not the optimizer's (mirrored) hyper-parameter variable.
+    results['train/learning_rate'] = tf.convert_to_tensor(lr)
     return results
 
 

@@ -14,7 +14,7 @@ import trainer as trainer_lib
 
 SIZE = 16
 B = 4  # per-replica batch
-NUM_CLASSES = 5
+NUM_CLASSES = 6
 LR = 0.1
 WD = 1e-4
 
@@ -67,27 +67,27 @@ def _reference_weights(model):
   return weights
 
 
-def _one_step(strategy, global_bn, weights, arrays, optimizer_name='lars'):
-  """Builds model + optimizer + trainer under `strategy`, sets `weights`,
-  runs one step on the global batch `arrays`; returns numpy results."""
+def _run(strategy, global_bn, weights, arrays, optimizer_name='lars',
+         weight_decay=WD):
+  """Model + optimizer + Trainer under `strategy`, initial `weights`, one
+  step on the global batch `arrays`. Returns the trainer and numpy results."""
   model = _build_model(strategy, global_bn)
   model.set_weights(weights)
   with strategy.scope():
     optimizer = lars_optimizer.build_optimizer(optimizer_name, LR,
-                                               weight_decay=WD)
-  objective = obj_lib.SimCLR(temperature=0.2)
+                                               weight_decay=weight_decay)
   dataset = _distributed(strategy, arrays, len(arrays['label']))
-  trainer = trainer_lib.Trainer(strategy, model, optimizer, objective,
-                                dataset, optimizer_name=optimizer_name,
-                                weight_decay=WD)
+  trainer = trainer_lib.Trainer(
+      strategy, model, optimizer, obj_lib.SimCLR(temperature=0.2), dataset,
+      optimizer_name=optimizer_name, weight_decay=weight_decay)
   outputs = trainer.train(tf.constant(1))
   trainable = model.trainable_variables
   slots = ([optimizer.get_slot(v, 'Momentum').numpy() for v in trainable]
            if optimizer_name == 'lars' else None)
-  return {
+  return trainer, {
       'outputs': {k: float(v) for k, v in outputs.items()},
       'trainable': [v.numpy() for v in trainable],
-      'names': [v.name for v in trainable],
+      'names': [v.name.split('/', 1)[1] for v in trainable],
       'moving': [v.numpy() for v in model.non_trainable_variables],
       'slots': slots,
       'iterations': int(optimizer.iterations.numpy()),
@@ -95,16 +95,16 @@ def _one_step(strategy, global_bn, weights, arrays, optimizer_name='lars'):
 
 
 @pytest.fixture(scope='module')
-def step_results():
+def runs():
+  """One step of the same model on the same 2B images: 2 replicas x B with
+  global BN, 1 replica x 2B, and 2 replicas x B with per-replica BN."""
   arrays = _dataset_arrays()
-  reference = _build_model(two_replica_strategy(), True)
-  weights = _reference_weights(reference)
-  return {
-      'arrays': arrays,
-      'weights': weights,
-      'two_global': _one_step(two_replica_strategy(), True, weights, arrays),
-      'one': _one_step(_one_replica_strategy(), True, weights, arrays),
-  }
+  weights = _reference_weights(_build_model(_one_replica_strategy(), True))
+  two_trainer, two = _run(two_replica_strategy(), True, weights, arrays)
+  _, one = _run(_one_replica_strategy(), True, weights, arrays)
+  _, local = _run(two_replica_strategy(), False, weights, arrays)
+  return {'arrays': arrays, 'weights': weights, 'two': two, 'one': one,
+          'local': local, 'two_trainer': two_trainer}
 
 
 def test_distribute_dataset_splits_global_batch_in_order():
@@ -119,157 +119,128 @@ def test_distribute_dataset_splits_global_batch_in_order():
       np.testing.assert_array_equal(ids.numpy(), np.arange(start, start + B))
 
 
-def test_two_replicas_equal_one_replica_double_batch(step_results):
-  two, one = step_results['two_global'], step_results['one']
+def test_two_replicas_equal_one_replica_double_batch(runs):
+  two, one = runs['two'], runs['one']
   assert two['iterations'] == one['iterations'] == 1
   for key in ('train/loss', 'train/contrast_loss', 'train/supervised_loss',
               'train/weight_decay', 'train/contrast_acc'):
     np.testing.assert_allclose(two['outputs'][key], one['outputs'][key],
                                rtol=1e-5, err_msg=key)
   assert two['names'] == one['names']
-  weights_before = step_results['weights']
-  # Updated weights: all trainable variables after the LARS step.
+  # Updated weights: every trainable variable after the LARS step.
   for name, a, b in zip(two['names'], two['trainable'], one['trainable']):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7, err_msg=name)
-  # The update itself (momentum slot = lr·trust·g after one step) agrees
-  # closely; this is what the step changes, without cancellation.
-  num_moved = 0
+  # LARS moves each weight by ~eeta·lr = 1e-4 of its norm, too little for the
+  # comparison above to see a wrong gradient. The update itself is the
+  # momentum slot (v = lr·trust·g after one step): compare it directly.
   for name, a, b in zip(two['names'], two['slots'], one['slots']):
     scale = np.abs(b).max()
-    num_moved += scale > 0
-    np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4 * scale + 1e-12,
+    assert scale > 0, f'no update for {name}'
+    np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4 * scale,
                                err_msg=name)
-  assert num_moved == len(two['names'])  # every variable got a gradient
-  # BN moving statistics (mean of the replicas' copies) agree too.
+  # BN moving statistics (the mean of the replicas' copies) agree too.
   assert len(two['moving']) == len(one['moving']) > 10
   for a, b in zip(two['moving'], one['moving']):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
-  # The step changed the weights.
-  assert any(not np.allclose(w, a) for w, a in
-             zip(weights_before, [*two['trainable']]))
+  # The step did change the weights.
+  assert any(not np.array_equal(w, a) for w, a in
+             zip(_trainable_subset(runs), two['trainable']))
 
 
-def test_without_global_bn_two_replicas_differ(step_results):
+def _trainable_subset(runs):
+  """The initial values of the trainable variables, in their order."""
+  model = _build_model(_one_replica_strategy(), True)
+  model.set_weights(runs['weights'])
+  return [v.numpy() for v in model.trainable_variables]
+
+
+def test_without_global_bn_two_replicas_differ(runs):
   """Control: per-replica BN statistics change the result, so the
   equivalence test above can fail."""
-  arrays, weights = step_results['arrays'], step_results['weights']
-  local = _one_step(two_replica_strategy(), False, weights, arrays)
-  one = step_results['one']
-  assert not np.isclose(local['outputs']['train/loss'],
-                        one['outputs']['train/loss'], rtol=1e-3)
+  local, one = runs['local'], runs['one']
+  assert not np.isclose(local['outputs']['train/contrast_loss'],
+                        one['outputs']['train/contrast_loss'], rtol=1e-3)
   num_diff = sum(
       not np.allclose(a, b, rtol=1e-3, atol=1e-4 * np.abs(b).max())
       for a, b in zip(local['slots'], one['slots']))
   assert num_diff > len(one['slots']) // 2
-  moving_diff = sum(not np.allclose(a, b, rtol=1e-4, atol=1e-6)
-                    for a, b in zip(local['moving'], one['moving']))
-  assert moving_diff > 0
+  num_moving_diff = sum(not np.allclose(a, b, rtol=1e-4, atol=1e-6)
+                        for a, b in zip(local['moving'], one['moving']))
+  assert num_moving_diff > 0
 
 
-def test_train_metrics_and_iterations():
-  strategy = two_replica_strategy()
-  model = _build_model(strategy, True)
-  with strategy.scope():
-    optimizer = lars_optimizer.build_optimizer('lars', LR, weight_decay=WD)
-  arrays = _dataset_arrays(n=4 * B, seed=3)
-  trainer = trainer_lib.Trainer(
-      strategy, model, optimizer, obj_lib.SimCLR(temperature=0.2),
-      _distributed(strategy, arrays, 2 * B), weight_decay=WD)
+def test_train_metrics_and_iterations(runs):
+  trainer = runs['two_trainer']
+  assert int(trainer.optimizer.iterations.numpy()) == 1
   outputs = trainer.train(tf.constant(2))
   for key in ('train/loss', 'train/contrast_loss', 'train/contrast_acc',
-              'train/supervised_loss', 'train/learning_rate',
+              'train/contrast_entropy', 'train/supervised_loss',
+              'train/supervised_acc', 'train/learning_rate',
               'train/weight_decay'):
     assert key in outputs, key
     assert np.isfinite(float(outputs[key])), key
-  assert int(optimizer.iterations.numpy()) == 2
+  assert int(trainer.optimizer.iterations.numpy()) == 3
+  assert int(trainer.global_step.numpy()) == 3
   np.testing.assert_allclose(float(outputs['train/learning_rate']), LR)
   assert 0.0 <= float(outputs['train/contrast_acc']) <= 1.0
-  # loss = contrast + supervised + weight decay (averaged over the 2 steps).
+  # loss = contrast + supervised + weight decay (each averaged over 2 steps).
   np.testing.assert_allclose(
       float(outputs['train/loss']),
       float(outputs['train/contrast_loss']) +
       float(outputs['train/supervised_loss']) +
       float(outputs['train/weight_decay']), rtol=1e-5)
-  assert float(outputs['train/weight_decay']) > 0
-  trainer.train(tf.constant(1))
-  assert int(optimizer.iterations.numpy()) == 3
+  # Metrics are reset per call: the second call does not average in step 1.
+  assert float(outputs['train/loss']) != runs['two']['outputs']['train/loss']
 
 
-def test_weight_decay_metric_momentum(step_results):
-  strategy = two_replica_strategy()
-  model = _build_model(strategy, True)
-  model.set_weights(step_results['weights'])
+def test_weight_decay_metric_momentum(runs):
+  strategy = _one_replica_strategy()
+  model = _build_model(strategy, False)
+  model.set_weights(runs['weights'])
   bn_vars = set()
   for layer in model.submodules:
     if isinstance(layer, tf_keras.layers.BatchNormalization):
       bn_vars.update(id(v) for v in layer.weights)
-  expected = WD * sum(0.5 * np.sum(v.numpy().astype(np.float64)**2)
-                      for v in model.trainable_variables
-                      if id(v) not in bn_vars)
-  assert len(bn_vars) > 0
-  with strategy.scope():
-    optimizer = lars_optimizer.build_optimizer('momentum', LR)
-  trainer = trainer_lib.Trainer(
-      strategy, model, optimizer, obj_lib.SimCLR(temperature=0.2),
-      _distributed(strategy, step_results['arrays'], 2 * B),
-      optimizer_name='momentum', weight_decay=WD)
-  outputs = trainer.train(tf.constant(1))
-  np.testing.assert_allclose(float(outputs['train/weight_decay']), expected,
-                             rtol=1e-5)
-  # Not the LARS term (supervised kernel only), which is much smaller.
-  kernel = step_results['weights'][[
-      i for i, v in enumerate(model.weights)
-      if 'head_supervised' in v.name and 'kernel' in v.name][0]]
-  assert expected > 2 * WD * 0.5 * np.sum(kernel.astype(np.float64)**2)
+  assert bn_vars
+  non_bn = [v.numpy().astype(np.float64) for v in model.trainable_variables
+            if id(v) not in bn_vars]
+  expected = WD * sum(0.5 * np.sum(w**2) for w in non_bn)
+  _, result = _run(strategy, False, runs['weights'], runs['arrays'],
+                   optimizer_name='momentum')
+  np.testing.assert_allclose(result['outputs']['train/weight_decay'],
+                             expected, rtol=1e-5)
+  # LARS reports only the supervised kernel's term, which is smaller.
+  assert runs['one']['outputs']['train/weight_decay'] < 0.5 * expected
 
 
 def test_evaluator_known_predictions():
   strategy = two_replica_strategy()
   model = _build_model(strategy, True)
   dense = model.head_supervised.linear_layer.dense
-  # Every image is predicted as class 3.
-  bias = np.eye(NUM_CLASSES, dtype=np.float32)[3]
+  # Zero kernel: every image gets logits = bias, ranking 3 > 0 > 1 > 4 > 2 > 5,
+  # so top-1 is always class 3 and class 5 is never in the top 5.
+  bias = np.array([0.5, 0.4, -1.0, 1.0, 0.0, -2.0], np.float32)
   dense.kernel.assign(tf.zeros_like(dense.kernel))
   dense.bias.assign(bias)
   n = 9  # batches of 4, 4, 1: the last leaves one replica empty
   rng = np.random.default_rng(7)
+  labels = rng.integers(0, NUM_CLASSES, size=n).astype(np.int32)
+  labels[:3] = [3, 5, 3]
+  labels[-1] = 5
   arrays = {
       'image': rng.uniform(size=(n, SIZE, SIZE, 3)).astype(np.float32),
-      'label': rng.integers(0, NUM_CLASSES, size=n).astype(np.int32),
+      'label': labels,
       'id': np.arange(n, dtype=np.int32),
   }
-  arrays['label'][:3] = 3
   dataset = _distributed(strategy, arrays, 4, repeat=False)
   evaluator = trainer_lib.Evaluator(strategy, model, dataset, NUM_CLASSES)
-  results = evaluator.evaluate(tf.constant(-1))
-  assert float(results['num_examples']) == n
-  np.testing.assert_allclose(float(results['label_top_1_accuracy']),
-                             np.mean(arrays['label'] == 3), rtol=1e-6)
-  # A second evaluation starts from zero again.
-  results = evaluator.evaluate(tf.constant(-1))
-  assert float(results['num_examples']) == n
-
-
-def test_evaluator_top5_ranking():
-  """Fixed ranking 3 > 0 > 1 > 4 > 2 > 5: class 5 is never in the top 5."""
-  strategy = two_replica_strategy()
-  model = _build_model(strategy, True, num_classes=6)
-  dense = model.head_supervised.linear_layer.dense
-  bias = np.array([0.5, 0.4, -1.0, 1.0, 0.0, -2.0], np.float32)
-  dense.kernel.assign(tf.zeros_like(dense.kernel))
-  dense.bias.assign(bias)
-  labels = np.array([5, 5, 2, 3, 0, 5], np.int32)
-  arrays = {
-      'image': np.zeros((6, SIZE, SIZE, 3), np.float32),
-      'label': labels,
-      'id': np.arange(6, dtype=np.int32),
-  }
-  evaluator = trainer_lib.Evaluator(
-      strategy, model, _distributed(strategy, arrays, 4, repeat=False), 6)
-  results = evaluator.evaluate(tf.constant(-1))
-  np.testing.assert_allclose(float(results['label_top_5_accuracy']), 0.5)
-  np.testing.assert_allclose(float(results['label_top_1_accuracy']), 1 / 6)
-  assert float(results['num_examples']) == 6
+  for _ in range(2):  # the second evaluation starts from zero again
+    results = evaluator.evaluate(tf.constant(-1))
+    assert float(results['num_examples']) == n
+    np.testing.assert_allclose(float(results['label_top_1_accuracy']),
+                               np.mean(labels == 3), rtol=1e-6)
+    np.testing.assert_allclose(float(results['label_top_5_accuracy']),
+                               np.mean(labels != 5), rtol=1e-6)
 
 
 def test_format_duration():
