@@ -19,6 +19,7 @@ from absl import flags
 from absl import logging
 import orbit
 import tensorflow as tf
+import tf_keras
 
 import checkpoints
 import data as data_lib
@@ -588,7 +589,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
   if FLAGS.seed is not None:
-    tf.keras.utils.set_random_seed(FLAGS.seed)
+    tf_keras.utils.set_random_seed(FLAGS.seed)
   try:
     run()
   except ConfigError as e:

@@ -232,3 +232,21 @@ def test_command_line_exit_code(tmp_path):
   assert proc.returncode != 0
   assert '--fine_tune_after_block freezes blocks' in proc.stderr
   assert not os.path.exists(tmp_path / 'cli')
+
+
+@pytest.mark.parametrize('config', sorted(
+    f for f in os.listdir(os.path.join(REPO, 'configs')) if f.endswith('.cfg')))
+def test_configs_parse_and_validate(config, tmp_path):
+  FLAGS.unparse_flags()
+  FLAGS(['run.py', f'--flagfile={os.path.join(REPO, "configs", config)}',
+         f'--model_dir={tmp_path}'])
+  run.validate_flags()
+
+
+def test_every_flag_is_documented_in_readme():
+  with open(os.path.join(REPO, 'README.md')) as f:
+    readme = f.read()
+  defined = [flag.name for flag in FLAGS.get_flags_for_module(run)]
+  assert defined, 'found no run.py flags'
+  missing = [name for name in defined if f'`{name}`' not in readme]
+  assert not missing, f'flags missing from README.md: {missing}'

@@ -1,12 +1,15 @@
 """Trainer / Evaluator: 2 replicas x b == 1 replica x 2b (SPEC §4), metrics,
 weight decay, evaluation counts, progress formatting."""
 
+import time
+
 import numpy as np
 import pytest
 import tensorflow as tf
 import tf_keras
 
 from conftest import two_replica_strategy
+import checkpoints
 import lars_optimizer
 import model as model_lib
 import objective as obj_lib
@@ -82,12 +85,13 @@ def _run(strategy, global_bn, weights, arrays, optimizer_name='lars',
       optimizer_name=optimizer_name, weight_decay=weight_decay)
   outputs = trainer.train(tf.constant(1))
   trainable = model.trainable_variables
+  paths = {id(v): k for k, v in checkpoints.variable_paths(model).items()}
   slots = ([optimizer.get_slot(v, 'Momentum').numpy() for v in trainable]
            if optimizer_name == 'lars' else None)
   return trainer, {
       'outputs': {k: float(v) for k, v in outputs.items()},
       'trainable': [v.numpy() for v in trainable],
-      'names': [v.name.split('/', 1)[1] for v in trainable],
+      'names': [paths[id(v)] for v in trainable],
       'moving': [v.numpy() for v in model.non_trainable_variables],
       'slots': slots,
       'iterations': int(optimizer.iterations.numpy()),
@@ -100,9 +104,13 @@ def runs():
   global BN, 1 replica x 2B, and 2 replicas x B with per-replica BN."""
   arrays = _dataset_arrays()
   weights = _reference_weights(_build_model(_one_replica_strategy(), True))
+  t = time.process_time()
   two_trainer, two = _run(two_replica_strategy(), True, weights, arrays)
+  print('TIME two', time.process_time() - t); t = time.process_time()
   _, one = _run(_one_replica_strategy(), True, weights, arrays)
+  print('TIME one', time.process_time() - t); t = time.process_time()
   _, local = _run(two_replica_strategy(), False, weights, arrays)
+  print('TIME local', time.process_time() - t); t = time.process_time()
   return {'arrays': arrays, 'weights': weights, 'two': two, 'one': one,
           'local': local, 'two_trainer': two_trainer}
 
