@@ -222,7 +222,23 @@ def _projection_layers(filters_out, strides, resnet_d, bn_args):
   return layers
 
 
-class ResidualBlock(tf_keras.layers.Layer):
+class _Block(tf_keras.layers.Layer):
+  """relu(residual_layers(x) + shortcut_layers(x)); subclasses build the lists.
+
+  (No class-level defaults for the lists: Keras would then not track the
+  layers assigned in the subclasses.)
+  """
+
+  def call(self, inputs, training=None):
+    shortcut = inputs
+    for layer in self.shortcut_layers:
+      shortcut = layer(shortcut, training=training)
+    for layer in self.residual_layers:
+      inputs = layer(inputs, training=training)
+    return tf.nn.relu(inputs + shortcut)
+
+
+class ResidualBlock(_Block):
   """Basic block (depths 18/34): 3x3/s conv-BN-ReLU, 3x3 conv-BN(γ=0), [SE], +shortcut, ReLU.
 
   With ``sk_ratio > 0`` only the shortcut changes (ResNet-D average-pool
@@ -245,16 +261,8 @@ class ResidualBlock(tf_keras.layers.Layer):
     if se_ratio > 0:
       self.residual_layers.append(SE_Layer(filters, se_ratio, name='se'))
 
-  def call(self, inputs, training=None):
-    shortcut = inputs
-    for layer in self.shortcut_layers:
-      shortcut = layer(shortcut, training=training)
-    for layer in self.residual_layers:
-      inputs = layer(inputs, training=training)
-    return tf.nn.relu(inputs + shortcut)
 
-
-class BottleneckBlock(tf_keras.layers.Layer):
+class BottleneckBlock(_Block):
   """Bottleneck (depths 50+), v1.5: 1x1 conv-BN-ReLU, 3x3/s conv-BN-ReLU (or SK),
   1x1 conv to 4·filters-BN(γ=0), [SE], +shortcut, ReLU."""
 
@@ -283,14 +291,6 @@ class BottleneckBlock(tf_keras.layers.Layer):
     ]
     if se_ratio > 0:
       self.residual_layers.append(SE_Layer(filters, se_ratio, name='se'))
-
-  def call(self, inputs, training=None):
-    shortcut = inputs
-    for layer in self.shortcut_layers:
-      shortcut = layer(shortcut, training=training)
-    for layer in self.residual_layers:
-      inputs = layer(inputs, training=training)
-    return tf.nn.relu(inputs + shortcut)
 
 
 class BlockGroup(tf_keras.layers.Layer):
