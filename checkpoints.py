@@ -11,6 +11,7 @@ linear head.
 """
 
 import collections
+import json
 import os
 import re
 
@@ -210,3 +211,12 @@ def export_saved_model(model, model_dir, step, keep_max):
     for old in steps[:-keep_max]:
       tf.io.gfile.rmtree(os.path.join(export_root, str(old)))
   return final_dir
+
+
+def write_json(path, payload):
+  """Writes JSON atomically (temporary file, then rename), so a reader or a
+  crash never sees half a results file."""
+  tmp = path + '.tmp'
+  with tf.io.gfile.GFile(tmp, 'w') as f:
+    json.dump(payload, f, indent=2, sort_keys=True)
+  tf.io.gfile.rename(tmp, path, overwrite=True)

@@ -18,11 +18,16 @@ position in the fixed split, for folders the position in the sorted
 (class, filename) list, for TFDS ``offset[shard] + record`` decoded from the
 ``tfds_id`` that ``tfds.ReadConfig(add_tfds_id=True)`` attaches (no rebuild).
 
+`apply_subset` restricts a split to the examples named in a key list
+(`--train_subset`; keys: see `DataSource.example_keys`); the kept examples
+are re-indexed densely in ascending order of their original ids.
+
 `build_input_fn` turns a source into SimCLR-style batches whose image holds
 the V views concatenated on the channel axis (view v = channels 3v..3v+2);
 `distribute` hands it to a `tf.distribute` strategy (one pipeline per host,
 sharded through the `InputContext`).
 """
+import copy
 import logging
 import os
 import re
@@ -85,6 +90,30 @@ class DataSource:
     del split
     return []
 
+  def example_keys(self, split):
+    """The key of every example of `split`, in id order (key[id]).
+
+    Keys name examples in subset lists (`--train_subset`, imagenet_subsets/):
+    digits: the id as a decimal string; image folders: the path relative to
+    the split directory ('<class>/<file>'); TFDS: the dataset's file-name
+    feature if it has one (ImageNet's 'file_name'), else the tfds_id.
+    """
+    raise NotImplementedError
+
+  def example_labels(self, split):
+    """int32 [N] labels of `split` in id order."""
+    raise NotImplementedError
+
+  def subset(self, split, ids):
+    """This source with `split` restricted to the examples `ids`.
+
+    The kept examples are re-indexed densely, 0..len(ids)-1, in ascending
+    order of their original ids (so the new ids are stable too). Generic
+    version: filter the loaded examples; folders and digits override it to
+    skip the others without reading them.
+    """
+    return _FilteredSource(self, split, ids)
+
   def _check_split(self, split):
     if split not in self.splits:
       raise ValueError(
@@ -143,6 +172,20 @@ class DigitsSource(DataSource):
   def arrays(self, split):
     """(images uint8 [N, H, W, 3], labels int32 [N]) in id order."""
     return self._data[self._resolve(split)]
+
+  def example_keys(self, split):
+    return [str(i) for i in range(self.num_examples(split))]
+
+  def example_labels(self, split):
+    return np.asarray(self.arrays(split)[1], np.int32)
+
+  def subset(self, split, ids):
+    ids = _check_subset_ids(ids, self.num_examples(split))
+    restricted = copy.copy(self)
+    restricted._data = dict(self._data)  # pylint: disable=protected-access
+    images, labels = self.arrays(split)
+    restricted._data[self._resolve(split)] = (images[ids], labels[ids])  # pylint: disable=protected-access
+    return restricted
 
   def load(self, split, input_context=None, shuffle_files=False, seed=None):
     images, labels = self.arrays(split)
@@ -262,6 +305,23 @@ class ImageFolderSource(DataSource):
     paths, labels = self._split_files(split)
     return list(paths), list(labels)
 
+  def example_keys(self, split):
+    split_dir = self._split_dir(split)
+    return [os.path.relpath(p, split_dir).replace(os.sep, '/')
+            for p in self._split_files(split)[0]]
+
+  def example_labels(self, split):
+    return np.asarray(self._split_files(split)[1], np.int32)
+
+  def subset(self, split, ids):
+    ids = _check_subset_ids(ids, self.num_examples(split))
+    paths, labels = self._split_files(split)
+    restricted = copy.copy(self)
+    restricted._files = dict(self._files)  # pylint: disable=protected-access
+    restricted._files[split] = ([paths[i] for i in ids],  # pylint: disable=protected-access
+                                [labels[i] for i in ids])
+    return restricted
+
   def num_examples(self, split):
     return len(self._split_files(split)[0])
 
@@ -304,6 +364,16 @@ def _unreadable(paths):
 
 
 _TFDS_ID_RE = re.compile(r'-(\d+)-of-(\d+)$')
+# Per-example file-name features that TFDS datasets use as subset-list keys.
+TFDS_KEY_FEATURES = ('file_name', 'filename')
+
+
+def _tfds_id_to_index(tfds_id, offsets):
+  """Dense id of a tfds_id '<file>-SSSSS-of-NNNNN__R': offsets[S] + R."""
+  m = re.search(r'-(\d+)-of-\d+__(\d+)$', tfds_id)
+  if not m:
+    raise ValueError(f'Unexpected tfds_id {tfds_id!r}.')
+  return int(offsets[int(m.group(1))]) + int(m.group(2))
 
 
 def _patch_tfds_for_protobuf():
@@ -423,6 +493,47 @@ class TFDSSource(DataSource):
             f'<name>-SSSSS-of-NNNNN naming that dense ids rely on.')
     return np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
 
+  def _key_feature(self):
+    """The dataset's own per-example file-name feature, or None."""
+    for name in TFDS_KEY_FEATURES:
+      if name in self.builder.info.features:
+        return name
+    return None
+
+  def _scan(self, split, feature):
+    """`feature` of every example of `split` in id order (one read pass).
+
+    Only that feature is decoded (the images are skipped), but every record
+    is read, which for ImageNet's train split takes a while.
+    """
+    offsets = self._shard_offsets(split)
+    read_config = self._tfds.ReadConfig(add_tfds_id=True)
+    ds = self.builder.as_dataset(
+        split=split, shuffle_files=False, read_config=read_config,
+        decoders=self._tfds.decode.PartialDecoding({feature: True}))
+    ds = ds.map(lambda ex: (ex['tfds_id'], ex[feature]),
+                num_parallel_calls=_AUTOTUNE).batch(4096)
+    values = [None] * self.num_examples(split)
+    for tfds_ids, batch in ds.as_numpy_iterator():
+      for tfds_id, value in zip(tfds_ids, batch):
+        values[_tfds_id_to_index(tfds_id.decode(), offsets)] = value
+    return values
+
+  def example_keys(self, split):
+    self._check_split(split)
+    feature = self._key_feature()
+    if feature is not None:
+      return [v.decode() for v in self._scan(split, feature)]
+    # The tfds_id of record R of shard file F is 'F__R' (no read needed).
+    info = self.builder.info.splits[split]
+    return [f'{os.path.basename(name)}__{r}'
+            for name, length in zip(info.filenames, info.shard_lengths)
+            for r in range(length)]
+
+  def example_labels(self, split):
+    self._check_split(split)
+    return np.asarray(self._scan(split, self._label_key), np.int32)
+
   def load(self, split, input_context=None, shuffle_files=False, seed=None):
     self._check_split(split)
     offsets = tf.constant(self._shard_offsets(split))
@@ -482,6 +593,166 @@ def get_data_source(dataset, data_dir=None, train_split='train',
                     eval_split=eval_split)
 
 
+# ---------------------------------------------------------------------------
+# Subsets of a split named by a list of example keys (`--train_subset`).
+# ---------------------------------------------------------------------------
+
+
+def read_key_list(path):
+  """The keys of a subset list: one per line, surrounding blanks stripped,
+  empty lines ignored (the format of SimCLR's imagenet_subsets/*.txt)."""
+  with tf.io.gfile.GFile(path) as f:
+    return [line.strip() for line in f if line.strip()]
+
+
+def subset_ids(source, split, keys):
+  """Original ids (ascending) of the examples of `split` named by `keys`.
+
+  Keys are matched exactly against `source.example_keys(split)`. For an
+  image folder, a list whose keys hold no '/' (such as SimCLR's ImageNet
+  lists, 'n01440764_10026.JPEG') is matched against file names instead,
+  provided they are unique in the split. Unknown or repeated keys are a
+  ValueError that names some of them.
+  """
+  all_keys = source.example_keys(split)
+  keys = [str(k).strip() for k in keys]
+  if not keys:
+    raise ValueError(f'The subset list for split {split!r} is empty.')
+  if (isinstance(source, ImageFolderSource)
+      and not any('/' in k for k in keys)):
+    basenames = [k.rsplit('/', 1)[-1] for k in all_keys]
+    if len(set(basenames)) == len(basenames):
+      all_keys = basenames
+  index = {k: i for i, k in enumerate(all_keys)}
+  unknown = [k for k in keys if k not in index]
+  if unknown:
+    raise ValueError(
+        f'{len(unknown)} of the {len(keys)} keys of the subset list are not '
+        f'examples of split {split!r} of {source.name!r} (e.g. '
+        f'{unknown[:5]}); example keys there look like {all_keys[:3]}.')
+  ids = np.array([index[k] for k in keys], np.int64)
+  unique, counts = np.unique(ids, return_counts=True)
+  if len(unique) != len(ids):
+    repeated = [all_keys[i] for i in unique[counts > 1]]
+    raise ValueError(f'The subset list names {len(repeated)} example(s) more '
+                     f'than once (e.g. {repeated[:5]}).')
+  return unique
+
+
+def apply_subset(source, split, keys):
+  """`source` with `split` restricted to the examples named by `keys`.
+
+  The filtered N (= len(keys)) is known at once; ids are re-indexed densely
+  in ascending order of the original ids (see `DataSource.subset`).
+  """
+  return source.subset(split, subset_ids(source, split, keys))
+
+
+def _check_subset_ids(ids, num_examples):
+  ids = np.unique(np.asarray(ids, np.int64))
+  if len(ids) == 0 or ids[0] < 0 or ids[-1] >= num_examples:
+    raise ValueError(f'Subset ids must be a non-empty set within [0, '
+                     f'{num_examples}).')
+  return ids
+
+
+class _FilteredSource(DataSource):
+  """A source whose `split` keeps only `ids` (re-indexed 0..n-1).
+
+  Every example of the split is still read and the others are dropped,
+  so an epoch costs a full pass over the original split (for ImageNet's
+  1 % / 10 % prefer the TFDS datasets imagenet2012_subset/1pct, /10pct).
+  """
+
+  def __init__(self, base, split, ids):
+    self._base = base
+    self._split = split
+    self._ids = _check_subset_ids(ids, base.num_examples(split))
+    self.name = base.name
+    self.num_classes = base.num_classes
+    self.image_shape = base.image_shape
+    new_ids = np.full(base.num_examples(split), -1, np.int32)
+    new_ids[self._ids] = np.arange(len(self._ids), dtype=np.int32)
+    self._new_ids = new_ids
+
+  @property
+  def splits(self):
+    return self._base.splits
+
+  def num_examples(self, split):
+    if split == self._split:
+      return len(self._ids)
+    return self._base.num_examples(split)
+
+  def example_keys(self, split):
+    keys = self._base.example_keys(split)
+    return [keys[i] for i in self._ids] if split == self._split else keys
+
+  def example_labels(self, split):
+    labels = self._base.example_labels(split)
+    return labels[self._ids] if split == self._split else labels
+
+  def find_unreadable(self, split):
+    return self._base.find_unreadable(split)
+
+  def load(self, split, input_context=None, shuffle_files=False, seed=None):
+    ds = self._base.load(split, input_context=input_context,
+                         shuffle_files=shuffle_files, seed=seed)
+    if split != self._split:
+      return ds
+    table = tf.constant(self._new_ids)
+
+    def reindex(example):
+      return dict(example, id=tf.gather(table, example['id']))
+    ds = ds.map(reindex, num_parallel_calls=_AUTOTUNE)
+    return ds.filter(lambda example: example['id'] >= 0)
+
+
+def eval_view(image, image_size):
+  """The eval preprocessing of one image: no augmentation, centre crop
+  only above 32 px."""
+  return data_util.preprocess_image(image, image_size, image_size,
+                                    is_training=False,
+                                    test_crop=image_size > 32)
+
+
+def build_pass_input_fn(source, split, global_batch_size, image_size):
+  """One pass over `split` (eval preprocessing) for code running under a
+  strategy, padded to whole global batches.
+
+  Every replica gets the same number of full batches (static shapes, as
+  TPUs need, and equal shapes for cross-replica gathers): each input
+  pipeline's shard is followed by padding rows (zero image, label and id
+  −1) up to ceil(N / global_batch_size) steps. Drop rows with id < 0.
+  """
+  num_examples = source.num_examples(split)
+  num_steps = -(-num_examples // global_batch_size)
+
+  def input_fn(input_context=None):
+    if input_context is None:
+      per_replica, replicas_per_pipeline = global_batch_size, 1
+    else:
+      per_replica = input_context.get_per_replica_batch_size(
+          global_batch_size)
+      replicas_per_pipeline = (input_context.num_replicas_in_sync //
+                               input_context.num_input_pipelines)
+    rows = num_steps * replicas_per_pipeline * per_replica
+    ds = source.load(split, input_context=input_context)
+    ds = ds.map(lambda ex: {'image': eval_view(ex['image'], image_size),
+                            'label': tf.cast(ex['label'], tf.int32),
+                            'id': tf.cast(ex['id'], tf.int32)},
+                num_parallel_calls=_AUTOTUNE)
+    padding = tf.data.Dataset.from_tensors({
+        'image': tf.zeros([image_size, image_size, 3], tf.float32),
+        'label': tf.constant(-1, tf.int32),
+        'id': tf.constant(-1, tf.int32)}).repeat()
+    ds = ds.concatenate(padding).take(rows)
+    ds = ds.batch(per_replica, drop_remainder=True)
+    return ds.prefetch(_AUTOTUNE)
+
+  return input_fn
+
+
 def build_input_fn(source, split, global_batch_size, is_training, image_size,
                    num_views=2, train_mode='pretrain',
                    color_jitter_strength=1.0, use_blur=True,
@@ -513,8 +784,7 @@ def build_input_fn(source, split, global_batch_size, is_training, image_size,
   def make_views(example):
     image = example['image']
     if not is_training:
-      views = [one_view(image, is_training=False,
-                        test_crop=image_size > 32)]
+      views = [eval_view(image, image_size)]
     elif train_mode == 'pretrain':
       views = [one_view(image, is_training=True, color_distort=True,
                         use_blur=use_blur, crop_area_min=crop_area_min,

@@ -12,9 +12,12 @@ ResNet), `head_contrastive/` (projection head) and `head_supervised/`
 (linear head).
 """
 
+import types
+
 import tensorflow as tf
 import tf_keras
 
+import checkpoints
 import lars_optimizer
 import resnet
 
@@ -131,6 +134,15 @@ class SupervisedHead(tf_keras.layers.Layer):
     return self.linear_layer(inputs, training=training)
 
 
+def stack_views(inputs):
+  """[b, H, W, 3V] images (V views side by side in channels) → [V·b, H, W, 3],
+  view-major: row v·b + k is view v of image k."""
+  num_views = inputs.shape[-1] // 3
+  if num_views * 3 != inputs.shape[-1]:
+    raise ValueError(f'Expected 3·V channels, got {inputs.shape[-1]}.')
+  return tf.concat(tf.split(inputs, num_views, axis=-1), axis=0)
+
+
 class Model(tf_keras.models.Model):
   """ResNet + projection head + supervised head.
 
@@ -156,6 +168,13 @@ class Model(tf_keras.models.Model):
       raise ValueError(f'Unknown train_mode {train_mode!r}; use pretrain or '
                        'finetune.')
     self.train_mode = train_mode
+    # What MomentumEncoder needs to build a twin (read-only: not tracked).
+    self._encoder_config = types.MappingProxyType(dict(
+        resnet_depth=resnet_depth, width_multiplier=width_multiplier,
+        cifar_stem=cifar_stem, sk_ratio=sk_ratio, se_ratio=se_ratio,
+        proj_head_mode=proj_head_mode, proj_out_dim=proj_out_dim,
+        num_proj_layers=num_proj_layers, batch_norm_decay=batch_norm_decay,
+        global_bn=global_bn))
     bn_args = dict(batch_norm_decay=batch_norm_decay, global_bn=global_bn)
     self.base_model = resnet.resnet(
         resnet_depth=resnet_depth, width_multiplier=width_multiplier,
@@ -174,6 +193,14 @@ class Model(tf_keras.models.Model):
   @property
   def resnet_model(self):
     return self.base_model
+
+  def make_momentum_encoder(self, name='momentum_encoder'):
+    """A `MomentumEncoder` twin of this model's ResNet + projection head.
+
+    Build it inside the strategy scope; its variables exist after the first
+    call, and `copy_from(self)` makes it equal to this model.
+    """
+    return MomentumEncoder(name=name, **self._encoder_config)
 
   @property
   def supervised_head(self):
@@ -194,10 +221,7 @@ class Model(tf_keras.models.Model):
     return outputs
 
   def call(self, inputs, training=False):
-    num_views = inputs.shape[-1] // 3
-    if num_views * 3 != inputs.shape[-1]:
-      raise ValueError(f'Expected 3·V channels, got {inputs.shape[-1]}.')
-    features = tf.concat(tf.split(inputs, num_views, axis=-1), axis=0)
+    features = stack_views(inputs)
     hiddens = self.base_model(features, training=training)
     projections, supervised_inputs = self.head_contrastive(
         hiddens, training=training)
@@ -208,6 +232,92 @@ class Model(tf_keras.models.Model):
           tf.stop_gradient(supervised_inputs), training=training)
       return projections, logits
     return projections, None
+
+
+class MomentumEncoder(tf_keras.Model):
+  """EMA twin of a `Model`'s ResNet + projection head (SPEC §3).
+
+  Used for the keys of a memory queue (FNC, IFND). It is a separate object,
+  so its variables are never in `Model.trainable_variables` and the
+  optimizer never sees them; they change only through
+  `copy_from` (w_ema ← w, all variables: start equal to the online network)
+  and `update_from` (after each optimizer step, trainable weights only):
+
+    w_ema ← d·w_ema + (1 − d)·w
+
+  BN moving statistics are not averaged: the twin always runs with
+  training=True (batch statistics, synchronised across replicas when
+  global_bn), so its BN layers keep their own moving averages of the keys'
+  batch statistics, as MoCo's key encoder and the FNC release do. They are
+  saved in checkpoints but do not affect the keys.
+
+  `call(images [b, H, W, 3V])` → projections [V·b, d], view-major (row
+  v·b + k is view v of image k), the same stacking as `Model.call`.
+  """
+
+  def __init__(self, resnet_depth=50, width_multiplier=1, cifar_stem=False,
+               sk_ratio=0.0, se_ratio=0.0, proj_head_mode='nonlinear',
+               proj_out_dim=128, num_proj_layers=3, batch_norm_decay=0.9,
+               global_bn=True, **kwargs):
+    super().__init__(**kwargs)
+    bn_args = dict(batch_norm_decay=batch_norm_decay, global_bn=global_bn)
+    self.base_model = resnet.resnet(
+        resnet_depth=resnet_depth, width_multiplier=width_multiplier,
+        cifar_stem=cifar_stem, sk_ratio=sk_ratio, se_ratio=se_ratio,
+        name=BASE_MODEL_NAME, **bn_args)
+    self.head_contrastive = ProjectionHead(
+        proj_head_mode=proj_head_mode, proj_out_dim=proj_out_dim,
+        num_proj_layers=num_proj_layers, train_mode='pretrain', **bn_args)
+    self._pairs = None
+
+  def call(self, inputs, training=True):
+    features = stack_views(inputs)
+    hiddens = self.base_model(features, training=training)
+    projections, _ = self.head_contrastive(hiddens, training=training)
+    return projections
+
+  def _variable_pairs(self, model):
+    """[(own variable, model's variable)] matched by checkpoint path."""
+    if self._pairs is not None and self._pairs[0] is model:
+      return self._pairs[1]
+    pairs = []
+    for name in (BASE_MODEL_NAME, PROJECTION_HEAD_NAME):
+      own = checkpoints.variable_paths(getattr(self, name))
+      online = checkpoints.variable_paths(getattr(model, name))
+      if own.keys() != online.keys():
+        missing = sorted(set(own) ^ set(online))
+        raise ValueError(
+            f'The momentum encoder does not match the model under {name}/ '
+            f'(build both, by calling them once, from the same config); '
+            f'differing variables: {", ".join(missing[:5])}')
+      for path, variable in own.items():
+        if variable.shape != online[path].shape:
+          raise ValueError(f'Momentum encoder variable {name}/{path} has '
+                           f'shape {variable.shape}, the model '
+                           f'{online[path].shape}.')
+        pairs.append((variable, online[path]))
+    # Plain attribute: Keras must not track the model (or its variables)
+    # as a dependency of the encoder, or checkpoints would hold it twice.
+    object.__setattr__(self, '_pairs', (model, pairs))
+    return pairs
+
+  def copy_from(self, model):
+    """Sets every variable (weights and BN statistics) to the model's."""
+    for own, online in self._variable_pairs(model):
+      own.assign(tf.convert_to_tensor(online))
+
+  def update_from(self, model, decay):
+    """w_ema ← decay·w_ema + (1 − decay)·w for the model's trainable weights.
+
+    Call it in the same context on every replica (replica or cross-replica)
+    with identical model weights; the copies then stay identical.
+    """
+    updates = []
+    for own, online in self._variable_pairs(model):
+      if online.trainable:
+        d = tf.cast(decay, own.dtype)
+        updates.append(own.assign(d * own + (1 - d) * online))
+    return tf.group(updates)
 
 
 def add_weight_decay(model, adjust_per_optimizer=True, optimizer='lars',

@@ -8,6 +8,8 @@ Shared primitives live here once: the differentiable cross-replica gather,
 the global labels of the local rows, and the contrastive metrics.
 """
 
+from typing import Callable, NamedTuple
+
 import tensorflow as tf
 
 LARGE_NUM = 1e9
@@ -20,6 +22,20 @@ class _LocalOnly:
 
 
 LOCAL_ONLY = _LocalOnly()
+
+
+def replicated_state(initial, name):
+  """A non-trainable variable that every replica updates identically.
+
+  ON_WRITE + aggregation NONE: an assignment in a replica context writes
+  that replica's copy only, with no all-reduce. Objectives keep their state
+  (SogCLR's u, a memory queue, IFND's pseudo labels) identical on every
+  replica by applying the same all-gathered update on each; an assignment
+  in the cross-replica context writes every copy.
+  """
+  return tf.Variable(initial, trainable=False, name=name,
+                     synchronization=tf.VariableSynchronization.ON_WRITE,
+                     aggregation=tf.VariableAggregation.NONE)
 
 
 # ---------------------------------------------------------------------------
@@ -172,10 +188,21 @@ class Objective(tf.Module):
       arguments (run.py passes exactly these; the loss never reads flags).
     needs_example_ids: batches must carry dense example ids in [0, N).
     metric_names: the keys of the metrics dict that `loss` returns.
+    uses_momentum_encoder: run.py builds a `model.MomentumEncoder` (EMA
+      twin of ResNet + projection head, decay `momentum_decay`) and the
+      trainer passes its projections of the batch to `loss` as `keys`.
+    default_randaugment: whether pretraining views get RandAugment when
+      `--use_randaugment` is not given.
+    projection_dim: the width d of the projections; run.py sets it (from the
+      built model) before `build`, for objectives whose state stores
+      projections (memory queues).
   """
   flag_names = ('temperature', 'hidden_norm')
   needs_example_ids = False
   metric_names = ('contrast_loss', 'contrast_acc', 'contrast_entropy')
+  uses_momentum_encoder = False
+  default_randaugment = False
+  projection_dim = None
 
   def __init__(self, temperature=0.1, hidden_norm=True, name=None):
     super().__init__(name=name)
@@ -186,6 +213,11 @@ class Objective(tf.Module):
   def num_views(self):
     """Views per image in a pretraining batch."""
     return 2
+
+  @property
+  def momentum_decay(self):
+    """EMA decay d of the momentum encoder (None when there is none)."""
+    return None
 
   def validate(self, global_batch_size, num_train_examples):
     """Raises ValueError naming the flags when a setting cannot work."""
@@ -199,19 +231,47 @@ class Objective(tf.Module):
     """Trackables to save in every checkpoint (name -> trackable)."""
     return {}
 
-  def loss(self, projections, batch):
+  def action_period_steps(self, steps_per_epoch):
+    """Steps between the objective's host-side train actions (0 = none);
+    run.py makes steps_per_loop divide it."""
+    del steps_per_epoch
+    return 0
+
+  def train_actions(self, context):
+    """orbit train actions (called after every host loop with its outputs;
+    `start()`, when an action has it, is called once before training), for
+    host-side work between steps such as re-clustering. `context` is a
+    `TrainContext`."""
+    del context
+    return []
+
+  def loss(self, projections, batch, keys=None):
     """Contrastive loss of one replica's batch.
 
     Args:
       projections: [V·b, d] projection-head outputs, view-major (row v·b + k
         is view v of local image k).
       batch: the input dict ('label' [b], 'id' [b] when needed).
+      keys: [V·b, d] the momentum encoder's projections of the same batch
+        (same layout, no gradient); given only when uses_momentum_encoder.
 
     Returns:
       (loss, metrics): the replica's loss (not yet divided by the number of
       replicas) and a dict of scalar metrics.
     """
     raise NotImplementedError
+
+
+class TrainContext(NamedTuple):
+  """What run.py hands to `Objective.train_actions`."""
+  strategy: tf.distribute.Strategy
+  global_step: tf.Variable
+  train_steps: int
+  steps_per_epoch: int
+  key_encoder: Callable  # images [b, H, W, 3] -> projections, inference mode
+  train_pass_dataset_fn: Callable  # () -> distributed one-pass dataset of
+  #   the training split, eval preprocessing, padding rows with id -1
+  model_dir: str
 
 
 _REGISTRY = {}
@@ -244,8 +304,8 @@ def get_objective_class(name):
 class SimCLR(Objective):
   """NT-Xent over the global batch (Chen et al. 2020)."""
 
-  def loss(self, projections, batch):
-    del batch
+  def loss(self, projections, batch, keys=None):
+    del batch, keys
     if self.hidden_norm:
       projections = tf.math.l2_normalize(projections, -1)
     z1, z2 = split_views(projections, 2)

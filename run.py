@@ -23,9 +23,13 @@ import tf_keras
 
 import checkpoints
 import data as data_lib
+import data_util
+import evaluate as evaluate_lib
 import lars_optimizer
 import model as model_lib
 import objective as obj_lib
+import fnc  # noqa: F401  (registers --objective=fnc)
+import ifnd  # noqa: F401  (registers --objective=ifnd)
 import sogcl  # noqa: F401  (registers --objective=sogclr)
 import trainer as trainer_lib
 from official.common import distribute_utils
@@ -61,9 +65,11 @@ flags.DEFINE_string('dataset', 'imagenet2012',
                     'download).')
 flags.DEFINE_bool('cache_dataset', False,
                   'Whether to cache the entire dataset in memory.')
-flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'train_then_eval'],
+flags.DEFINE_enum('mode', 'train',
+                  ['train', 'eval', 'train_then_eval', 'preview'],
                   'Whether to perform training or evaluation (eval watches '
-                  'model_dir for new checkpoints).')
+                  'model_dir for new checkpoints); preview writes a PNG of '
+                  'augmented training views to model_dir/preview.png.')
 flags.DEFINE_enum('train_mode', 'pretrain', ['pretrain', 'finetune'],
                   'The train mode controls different objectives and trainable '
                   'components.')
@@ -153,6 +159,57 @@ flags.DEFINE_float('crop_area_min', 0.08,
 flags.DEFINE_integer('num_classes', 0, 'Number of classes of the supervised '
                      'head; 0 = from the dataset.')
 
+# --- FNC ---
+flags.DEFINE_integer('support_size', 8, 'FNC: extra views (support set) per '
+                     'image; V = 2 + support_size views.')
+flags.DEFINE_bool('use_randaugment', None, 'RandAugment (n=2, m=7) in the '
+                  'pretraining views, after colour jitter. Unset: the '
+                  "objective's default (on for fnc, off otherwise).")
+flags.DEFINE_integer('memory_multiplier', None, 'FNC / IFND: memory queue '
+                     'of memory_multiplier x train_batch_size momentum-'
+                     'encoder keys; 0 = in-batch mode (no queue, no '
+                     'momentum encoder). Must be 0 or >= the views per '
+                     'image. Unset: the objective\'s default (16 for fnc, 0 '
+                     'for ifnd).')
+flags.DEFINE_float('moving_average_decay', 0.999, 'FNC / IFND memory mode: EMA '
+                   'decay d of the momentum encoder, w <- d*w + (1-d)*w_online '
+                   'after every step.')
+flags.DEFINE_integer('fn_topk', 10, 'FNC: false negatives are among the '
+                     'top-k scoring candidates of each image ...')
+flags.DEFINE_float('fn_threshold', 0.7, 'FNC: ... and score (max cosine '
+                   'over the image\'s views) above this threshold.')
+flags.DEFINE_enum('fn_strategy', 'attraction', ['attraction', 'elimination'],
+                  'FNC: pull false negatives in as positives (attraction, '
+                  'the released code) or drop them from the negatives '
+                  '(elimination).')
+
+# --- IFND ---
+flags.DEFINE_list('ifnd_num_clusters', ['10', '30', '100'], 'IFND: one '
+                  'k-means per entry (a level of pseudo labels), e.g. '
+                  '10,30,100 for CIFAR-10, 100,300,1000 for CIFAR-100.')
+flags.DEFINE_integer('ifnd_reassign_epochs', 20, 'IFND: re-cluster the '
+                     'training set every this many epochs (and at the start).')
+flags.DEFINE_enum('ifnd_acceptance', 'linear', ['linear', 'constant', 'step'],
+                  'IFND acceptance-rate schedule over training: linear from '
+                  '0 to 1, constant --ifnd_acceptance_rate, or step '
+                  '(--ifnd_acceptance_stages equal stages from 0 to 1).')
+flags.DEFINE_float('ifnd_acceptance_rate', 1.0, 'IFND: the rate of '
+                   '--ifnd_acceptance=constant.')
+flags.DEFINE_integer('ifnd_acceptance_stages', 5, 'IFND: stages of '
+                     '--ifnd_acceptance=step (r = stage/(stages-1)).')
+flags.DEFINE_enum('ifnd_confidence', 'centroid', ['centroid', 'margin'],
+                  'IFND confidence of a pseudo label: cosine to the own '
+                  'centroid, or its margin over the second-nearest centroid.')
+flags.DEFINE_enum('ifnd_strategy', 'elimination', ['elimination',
+                                                   'attraction'],
+                  'IFND: drop same-label examples from the negatives '
+                  '(elimination, the paper) or pull them in as positives.')
+flags.DEFINE_enum('ifnd_level_combine', 'mean', ['mean', 'any'],
+                  'IFND: average the per-level losses (mean) or use one '
+                  'loss with the union of the levels\' false negatives.')
+flags.DEFINE_integer('ifnd_kmeans_iters', 100, 'IFND: at most this many '
+                     'Lloyd iterations per k-means.')
+
 # --- New. ---
 flags.DEFINE_string('objective', 'simclr', 'The contrastive objective.')
 flags.DEFINE_integer('steps_per_loop', 0,
@@ -167,6 +224,18 @@ flags.DEFINE_bool('skip_corrupt_images', False,
                   'of stopping with an error that names them.')
 flags.DEFINE_integer('seed', None, 'Random seed for shuffling and '
                      'initialisation (unset: nondeterministic).')
+
+# --- Evaluation protocols (evaluate.py). ---
+flags.DEFINE_string('train_subset', None, 'A file listing the keys of the '
+                    'training examples to use, one per line (e.g. a 1 % '
+                    'label subset from imagenet_subsets/); the examples are '
+                    're-indexed 0..n-1.')
+flags.DEFINE_integer('knn_eval_epochs', 0, 'Every this many epochs of '
+                     'training, the kNN accuracy of the current encoder on '
+                     '--eval_split goes to TensorBoard and the log; 0 = off.')
+flags.DEFINE_integer('knn_k', 200, 'Neighbours of the weighted kNN vote.')
+flags.DEFINE_float('knn_temperature', 0.1, 'Temperature of the weighted kNN '
+                   'vote: weights exp(cosine/temperature).')
 
 
 class ConfigError(ValueError):
@@ -251,7 +320,8 @@ def validate_flags():
                   f'projection head (--proj_head_mode={FLAGS.proj_head_mode}'
                   f', --num_proj_layers={FLAGS.num_proj_layers}) has '
                   f'{layers} layers: use -1..{layers}.')
-  if (FLAGS.mode != 'train' and FLAGS.train_mode == 'pretrain' and
+  if (FLAGS.mode in ('eval', 'train_then_eval') and
+      FLAGS.train_mode == 'pretrain' and
       not FLAGS.lineareval_while_pretraining):
     errors.append(f'--mode={FLAGS.mode} evaluates the supervised head, which '
                   'pretraining only trains with '
@@ -263,6 +333,14 @@ def validate_flags():
                   f'be a multiple of --steps_per_loop={FLAGS.steps_per_loop}.')
   if FLAGS.train_summary_steps is not None and FLAGS.train_summary_steps < 0:
     errors.append('--train_summary_steps must not be negative.')
+  if FLAGS.knn_eval_epochs < 0:
+    errors.append('--knn_eval_epochs must not be negative (0 = off).')
+  if FLAGS.knn_k < 1:
+    errors.append('--knn_k must be at least 1.')
+  if FLAGS.knn_temperature <= 0:
+    errors.append('--knn_temperature must be positive.')
+  if FLAGS.train_subset and not tf.io.gfile.exists(FLAGS.train_subset):
+    errors.append(f'--train_subset={FLAGS.train_subset}: no such file.')
   if FLAGS.use_tpu is False and FLAGS.distribution_strategy == 'tpu':
     errors.append('--use_tpu=false contradicts --distribution_strategy=tpu.')
   if FLAGS.use_tpu and FLAGS.distribution_strategy not in (None, 'tpu'):
@@ -346,14 +424,6 @@ def json_flags():
   return values
 
 
-def write_json(path, payload):
-  """Writes JSON atomically (temporary file, then rename)."""
-  tmp = path + '.tmp'
-  with tf.io.gfile.GFile(tmp, 'w') as f:
-    json.dump(payload, f, indent=2, sort_keys=True)
-  tf.io.gfile.rename(tmp, path, overwrite=True)
-
-
 def write_view_grid(input_fn, num_views, summary_dir, step):
   """TensorBoard image grid of augmented views: one row per image."""
   batch = next(iter(input_fn(None)))
@@ -381,8 +451,13 @@ class Experiment:
       self.source = data_lib.get_data_source(
           FLAGS.dataset, data_dir=FLAGS.data_dir,
           train_split=FLAGS.train_split,
-          eval_split=None if FLAGS.mode == 'train' else FLAGS.eval_split,
+          eval_split=(None if FLAGS.mode == 'train' and
+                      not FLAGS.knn_eval_epochs else FLAGS.eval_split),
           skip_corrupt_images=FLAGS.skip_corrupt_images)
+      if FLAGS.train_subset:
+        self.source = data_lib.apply_subset(
+            self.source, FLAGS.train_split,
+            data_lib.read_key_list(FLAGS.train_subset))
       self.num_train_examples = self.source.num_examples(FLAGS.train_split)
       if FLAGS.mode != 'train':
         self.num_eval_examples = self.source.num_examples(FLAGS.eval_split)
@@ -407,21 +482,38 @@ class Experiment:
     if FLAGS.train_summary_steps and not FLAGS.steps_per_loop:
       self.steps_per_loop = math.gcd(self.checkpoint_steps,
                                      FLAGS.train_summary_steps)
+    self.epoch_steps = epoch_steps
+    self.knn_eval_steps = FLAGS.knn_eval_epochs * epoch_steps
+    self.fit_steps_per_loop(self.knn_eval_steps,
+                            f'--knn_eval_epochs={FLAGS.knn_eval_epochs}')
 
     self.objective = build_objective()
+    self.objective_action_steps = 0
     if FLAGS.train_mode == 'pretrain':
       try:
         self.objective.validate(batch, self.num_train_examples)
       except ValueError as e:
         raise ConfigError(str(e)) from e
       self.num_views = self.objective.num_views
+      self.objective_action_steps = self.objective.action_period_steps(
+          epoch_steps)
+      self.fit_steps_per_loop(self.objective_action_steps,
+                              f'--objective={FLAGS.objective}')
     else:
       self.num_views = 1
 
     with strategy.scope():
       self.model = build_model(self.num_classes)
-      self.model(tf.zeros([1, FLAGS.image_size, FLAGS.image_size,
-                           3 * self.num_views]), training=False)
+      projections, _ = self.model(tf.zeros(
+          [1, FLAGS.image_size, FLAGS.image_size, 3 * self.num_views]),
+                                  training=False)
+      self.momentum_encoder = None
+      if (FLAGS.train_mode == 'pretrain' and
+          self.objective.uses_momentum_encoder):
+        self.momentum_encoder = self.model.make_momentum_encoder()
+        self.momentum_encoder(tf.zeros(
+            [1, FLAGS.image_size, FLAGS.image_size, 3 * self.num_views]),
+                              training=False)
       schedule = lars_optimizer.WarmUpAndCosineDecay(
           FLAGS.learning_rate, self.num_train_examples, batch,
           warmup_epochs=FLAGS.warmup_epochs, total_steps=self.train_steps,
@@ -431,10 +523,15 @@ class Experiment:
           weight_decay=FLAGS.weight_decay)
       self.global_step = self.optimizer.iterations
       if FLAGS.train_mode == 'pretrain':
+        if projections is not None:
+          self.objective.projection_dim = int(projections.shape[-1])
         self.objective.build(self.num_train_examples, batch)
+      extra = {}
+      if self.momentum_encoder is not None:
+        extra['momentum_encoder'] = self.momentum_encoder
       self.checkpoint = tf.train.Checkpoint(
           model=self.model, optimizer=self.optimizer,
-          **self.objective.checkpoint_items())
+          **self.objective.checkpoint_items(), **extra)
 
     latest = tf.train.latest_checkpoint(FLAGS.model_dir)
     try:
@@ -455,6 +552,17 @@ class Experiment:
         checkpoint_interval=self.checkpoint_steps,
         init_fn=self.initialize_new_run)
 
+  def fit_steps_per_loop(self, period, what):
+    """Makes host loops end on every multiple of `period` steps (0 = no
+    period): reduces the derived steps_per_loop, or checks the flag's."""
+    if not period:
+      return
+    if not FLAGS.steps_per_loop:
+      self.steps_per_loop = math.gcd(self.steps_per_loop, period)
+    elif period % FLAGS.steps_per_loop:
+      raise ConfigError(f'{what} acts every {period} steps, not a multiple '
+                        f'of --steps_per_loop={FLAGS.steps_per_loop}.')
+
   def initialize_new_run(self):
     """Warm start and head zeroing, for a run with no checkpoint yet."""
     if FLAGS.checkpoint:
@@ -464,6 +572,27 @@ class Experiment:
       for variable in self.model.supervised_head.trainable_variables:
         variable.assign(tf.zeros_like(variable))
       logging.info('Zero-initialised the supervised head.')
+    if self.momentum_encoder is not None:
+      # After the warm start: the EMA twin starts equal to the online net.
+      self.momentum_encoder.copy_from(self.model)
+      logging.info('Momentum encoder initialised from the model.')
+
+  def randaugment(self):
+    """Model Garden RandAugment (n=2, m=7) when on, else None.
+
+    Its translate (100 px) and cutout (40 px) constants are meant for
+    224-pixel images; they are scaled by image_size/224 (e.g. 14 and 6 px at
+    32), so that a view keeps the same fraction of the image as in FNC.
+    """
+    use = FLAGS.use_randaugment
+    if use is None:
+      use = self.objective.default_randaugment
+    if not use or FLAGS.train_mode != 'pretrain':
+      return None
+    scale = FLAGS.image_size / 224.0
+    return data_util.make_randaugment(
+        2, 7, translate_const=max(1, round(100 * scale)),
+        cutout_const=max(1, round(40 * scale)))
 
   def input_fn(self, is_training, batch_size):
     split = FLAGS.train_split if is_training else FLAGS.eval_split
@@ -473,12 +602,53 @@ class Experiment:
         train_mode=FLAGS.train_mode,
         color_jitter_strength=FLAGS.color_jitter_strength,
         use_blur=FLAGS.use_blur, cache_dataset=FLAGS.cache_dataset,
-        crop_area_min=FLAGS.crop_area_min, seed=FLAGS.seed)
+        crop_area_min=FLAGS.crop_area_min, seed=FLAGS.seed,
+        randaugment=self.randaugment() if is_training else None)
 
   def distributed_dataset(self, is_training):
-    batch = FLAGS.train_batch_size if is_training else FLAGS.eval_batch_size
-    return self.strategy.distribute_datasets_from_function(
-        self.input_fn(is_training, batch))
+    """Training batches, or one padded pass over eval_split (every replica
+    gets whole batches; the evaluator ignores the padding rows)."""
+    if is_training:
+      input_fn = self.input_fn(True, FLAGS.train_batch_size)
+    else:
+      input_fn = data_lib.build_pass_input_fn(
+          self.source, FLAGS.eval_split, FLAGS.eval_batch_size,
+          FLAGS.image_size)
+    return self.strategy.distribute_datasets_from_function(input_fn)
+
+  def make_knn_monitor(self):
+    """The --knn_eval_epochs train action (evaluate.KnnMonitor)."""
+    def dataset_fn(split):
+      return lambda: evaluate_lib.feature_dataset(
+          self.source, split, FLAGS.eval_batch_size, FLAGS.image_size)
+    return evaluate_lib.KnnMonitor(
+        self.model, self.global_step, dataset_fn(FLAGS.train_split),
+        dataset_fn(FLAGS.eval_split), self.knn_eval_steps,
+        steps_per_epoch=self.epoch_steps, k=FLAGS.knn_k,
+        temperature=FLAGS.knn_temperature, num_classes=self.num_classes,
+        summary_dir=os.path.join(FLAGS.model_dir, 'knn'),
+        history_path=os.path.join(FLAGS.model_dir, 'knn_monitor.json'))
+
+  def train_context(self):
+    """What the objective's train actions may use (objective.TrainContext)."""
+    encoder = self.momentum_encoder or self.model
+
+    @tf.function(reduce_retracing=True)
+    def key_encoder(images):
+      if encoder is self.model:
+        return encoder(images, training=False)[0]
+      return encoder(images, training=False)
+
+    pass_input_fn = data_lib.build_pass_input_fn(
+        self.source, FLAGS.train_split, FLAGS.eval_batch_size,
+        FLAGS.image_size)
+    return obj_lib.TrainContext(
+        strategy=self.strategy, global_step=self.global_step,
+        train_steps=self.train_steps, steps_per_epoch=self.epoch_steps,
+        key_encoder=key_encoder,
+        train_pass_dataset_fn=lambda: (
+            self.strategy.distribute_datasets_from_function(pass_input_fn)),
+        model_dir=FLAGS.model_dir)
 
   def controller(self, with_trainer, with_evaluator):
     trainer = evaluator = None
@@ -488,10 +658,18 @@ class Experiment:
           self.strategy, self.model, self.optimizer, self.objective,
           self.distributed_dataset(is_training=True),
           train_mode=FLAGS.train_mode, optimizer_name=FLAGS.optimizer,
-          weight_decay=FLAGS.weight_decay)
+          weight_decay=FLAGS.weight_decay,
+          momentum_encoder=self.momentum_encoder)
       self.progress = trainer_lib.ProgressLogger(
           self.global_step, self.train_steps, FLAGS.train_batch_size)
       actions.append(self.progress)
+      self.knn_monitor = None
+      if self.knn_eval_steps:
+        self.knn_monitor = self.make_knn_monitor()
+        actions.append(self.knn_monitor)
+      if FLAGS.train_mode == 'pretrain':
+        actions.extend(self.objective.train_actions(self.train_context()))
+    self.train_actions = actions
     if with_evaluator:
       evaluator = trainer_lib.Evaluator(
           self.strategy, self.model,
@@ -523,6 +701,9 @@ class Experiment:
                  FLAGS.train_mode, step, self.train_steps,
                  self.num_train_examples, FLAGS.train_batch_size,
                  self.strategy.num_replicas_in_sync)
+    for action in self.train_actions:  # e.g. a due re-clustering
+      if action is not self.progress and hasattr(action, 'start'):
+        action.start()
     self.progress.start()
     try:
       controller.train(steps=self.train_steps)
@@ -546,9 +727,9 @@ class Experiment:
     result = {k: float(v) for k, v in outputs.items()}
     result['global_step'] = step
     logging.info('Eval at step %d: %s', step, result)
-    write_json(os.path.join(FLAGS.model_dir, 'result.json'), result)
-    write_json(os.path.join(FLAGS.model_dir, f'result_{step}.json'), result)
-    write_json(os.path.join(FLAGS.model_dir, 'flags.json'), json_flags())
+    checkpoints.write_json(os.path.join(FLAGS.model_dir, 'result.json'), result)
+    checkpoints.write_json(os.path.join(FLAGS.model_dir, f'result_{step}.json'), result)
+    checkpoints.write_json(os.path.join(FLAGS.model_dir, 'flags.json'), json_flags())
     print(f'Eval at step {step}: top-1 accuracy '
           f'{result["label_top_1_accuracy"]:.4f}, top-5 accuracy '
           f'{result["label_top_5_accuracy"]:.4f} '
@@ -563,6 +744,13 @@ def run(strategy=None):
   strategy = strategy or build_strategy()
   experiment = Experiment(strategy)
   tf.io.gfile.makedirs(FLAGS.model_dir)
+  if FLAGS.mode == 'preview':
+    path = evaluate_lib.save_view_grid(
+        experiment.input_fn(True, min(8, FLAGS.train_batch_size))(None),
+        experiment.num_views, os.path.join(FLAGS.model_dir, 'preview.png'))
+    print(f'Wrote {path} (one row per image, its {experiment.num_views} '
+          'augmented views side by side).')
+    return path
   if FLAGS.mode == 'train':
     experiment.train(experiment.controller(True, False))
     return None

@@ -232,15 +232,14 @@ class SogCLR(objective.Objective):
 
   def build(self, num_train_examples, global_batch_size):
     del global_batch_size
-    self.u = tf.Variable(
-        tf.zeros([num_train_examples], tf.float32), trainable=False,
-        name='sogclr_u', synchronization=tf.VariableSynchronization.ON_WRITE,
-        aggregation=tf.VariableAggregation.NONE)
+    self.u = objective.replicated_state(
+        tf.zeros([num_train_examples], tf.float32), 'sogclr_u')
 
   def checkpoint_items(self):
     return {} if self.u is None else {'sogclr_u': self.u}
 
-  def loss(self, projections, batch):
+  def loss(self, projections, batch, keys=None):
+    del keys  # SogCLR has no momentum encoder.
     if self.u is None:
       raise ValueError('SogCLR.build(num_train_examples, ...) must be called '
                        'before loss().')

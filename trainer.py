@@ -26,9 +26,13 @@ class Trainer(orbit.StandardTrainer):
 
   def __init__(self, strategy, model, optimizer, objective, train_dataset,
                train_mode='pretrain', optimizer_name='lars',
-               weight_decay=0.0):
+               weight_decay=0.0, momentum_encoder=None):
+    """`momentum_encoder` (a `model.MomentumEncoder`, pretraining only):
+    its projections of each batch go to `objective.loss` as `keys`, and it
+    is EMA-updated from the model after every optimizer step."""
     self.strategy = strategy
     self.model = model
+    self.momentum_encoder = momentum_encoder
     self.optimizer = optimizer
     self.objective = objective
     self.train_mode = train_mode
@@ -54,12 +58,21 @@ class Trainer(orbit.StandardTrainer):
     num_replicas = self.strategy.num_replicas_in_sync
 
     def step_fn(batch):
+      keys = None
+      if self.momentum_encoder is not None:
+        keys = tf.stop_gradient(
+            self.momentum_encoder(batch['image'], training=True))
       with tf.GradientTape() as tape:
         projections, logits = self.model(batch['image'], training=True)
         loss = 0.0
         scalars = {}
         if self.train_mode == 'pretrain':
-          contrast_loss, con_metrics = self.objective.loss(projections, batch)
+          if keys is None:
+            contrast_loss, con_metrics = self.objective.loss(
+                projections, batch)
+          else:
+            contrast_loss, con_metrics = self.objective.loss(
+                projections, batch, keys=keys)
           loss += contrast_loss
           scalars.update(con_metrics)
         if logits is not None:
@@ -83,6 +96,9 @@ class Trainer(orbit.StandardTrainer):
       variables = self.model.trainable_variables
       grads = tape.gradient(scaled_loss, variables)
       self.optimizer.apply_gradients(zip(grads, variables))
+      if self.momentum_encoder is not None:
+        self.momentum_encoder.update_from(self.model,
+                                          self.objective.momentum_decay)
       for name, value in scalars.items():
         self._metrics['train/' + name].update_state(value)
 
@@ -99,7 +115,11 @@ class Trainer(orbit.StandardTrainer):
 
 
 class Evaluator(orbit.StandardEvaluator):
-  """Top-1 / top-5 accuracy of the supervised head on the eval split."""
+  """Top-1 / top-5 accuracy of the supervised head on the eval split.
+
+  Rows with id < 0 (the padding of `data.build_pass_input_fn`, which gives
+  every replica whole batches) are not counted.
+  """
 
   def __init__(self, strategy, model, eval_dataset, num_classes,
                optimizer_name='lars', weight_decay=0.0):
@@ -130,10 +150,13 @@ class Evaluator(orbit.StandardEvaluator):
 
     def step_fn(batch):
       _, logits = self.model(batch['image'], training=False)
-      self.top_1.update_state(batch['label'], logits)
-      self.top_5.update_state(batch['label'], logits)
-      self.num_examples.update_state(
-          tf.cast(tf.shape(batch['label'])[0], tf.float32))
+      # Padding rows (id < 0, `data.build_pass_input_fn`) weigh nothing.
+      weight = tf.ones_like(batch['label'], tf.float32)
+      if 'id' in batch:
+        weight = tf.cast(batch['id'] >= 0, tf.float32)
+      self.top_1.update_state(batch['label'], logits, sample_weight=weight)
+      self.top_5.update_state(batch['label'], logits, sample_weight=weight)
+      self.num_examples.update_state(tf.reduce_sum(weight))
       self.regularization_loss.update_state(
           lars_optimizer.weight_decay_loss(
               self.model.trainable_variables, self.optimizer_name,

@@ -279,3 +279,96 @@ def test_fine_tune_after_block_4_trains_only_head():
   assert all(g is None for g in grads)
   for v, old in zip(moving, before):
     np.testing.assert_array_equal(v.numpy(), old)
+
+
+# --- MomentumEncoder (FNC / IFND key encoder). ---
+
+
+def _encoder_pair(**kwargs):
+  model = _model(**kwargs)
+  model(_images(views=2), training=False)
+  encoder = model.make_momentum_encoder()
+  encoder(_images(views=2), training=False)
+  return model, encoder
+
+
+def _paired(encoder, model):
+  """[(encoder var, model var, path)] for ResNet + projection head."""
+  pairs = []
+  for prefix in ('base_model', 'head_contrastive'):
+    own = checkpoints.variable_paths(getattr(encoder, prefix))
+    online = checkpoints.variable_paths(getattr(model, prefix))
+    assert own.keys() == online.keys() and own
+    pairs += [(own[k], online[k], f'{prefix}/{k}') for k in own]
+  return pairs
+
+
+def test_momentum_encoder_starts_equal_and_outputs_view_major():
+  model, encoder = _encoder_pair(proj_head_mode='linear')
+  pairs = _paired(encoder, model)
+  assert any(not np.array_equal(e.numpy(), m.numpy()) for e, m, _ in pairs
+             if m.trainable)  # independent random init before copy_from
+  encoder.copy_from(model)
+  for own, online, path in pairs:
+    np.testing.assert_array_equal(own.numpy(), online.numpy(), err_msg=path)
+  images = _images(b=3, views=3, seed=4)
+  projections, _ = model(images, training=True)
+  keys = encoder(images, training=True)
+  assert keys.shape == (9, PROJ_OUT)
+  np.testing.assert_allclose(keys.numpy(), projections.numpy(), rtol=1e-5,
+                             atol=1e-6)
+  # View-major: rows v·b + k are view v of image k, each view encoded alone
+  # would differ only through the batch statistics, so compare in inference.
+  single = encoder(images[..., 3:6], training=False)
+  np.testing.assert_allclose(encoder(images, training=False)[3:6].numpy(),
+                             single.numpy(), rtol=1e-5, atol=1e-6)
+  # Separate object: the online model's trainable variables exclude it.
+  encoder_ids = {id(v) for v in encoder.variables}
+  assert not encoder_ids & {id(v) for v in model.trainable_variables}
+  # No supervised head in the twin.
+  assert not [v for v in encoder.variables if 'head_supervised' in v.name]
+
+
+def test_momentum_encoder_follows_ema_rule_on_trainable_weights():
+  model, encoder = _encoder_pair()
+  encoder.copy_from(model)
+  rng = np.random.default_rng(7)
+  for step in range(2):
+    before = {path: own.numpy().copy() for own, _, path in
+              _paired(encoder, model)}
+    for var in model.variables:  # a fake optimizer step (+ BN statistics)
+      var.assign(var + rng.normal(0, 0.1, var.shape).astype(np.float32))
+    encoder.update_from(model, 0.9)
+    for own, online, path in _paired(encoder, model):
+      if online.trainable:
+        want = 0.9 * before[path] + 0.1 * online.numpy()
+        np.testing.assert_allclose(own.numpy(), want, rtol=1e-5, atol=1e-6,
+                                   err_msg=path)
+      else:  # BN moving statistics: the twin's own, untouched by the EMA.
+        np.testing.assert_array_equal(own.numpy(), before[path],
+                                      err_msg=path)
+  encoder.update_from(model, 0.0)
+  for own, online, path in _paired(encoder, model):
+    if online.trainable:
+      np.testing.assert_array_equal(own.numpy(), online.numpy(), err_msg=path)
+
+
+def test_momentum_encoder_uses_batch_statistics_and_own_moving_stats():
+  _, encoder = _encoder_pair()
+  images = _images(b=4, views=2, seed=9)
+  moving = [v for v in encoder.variables if 'moving_mean' in v.name]
+  before = [v.numpy().copy() for v in moving]
+  train = encoder(images, training=True)
+  infer = encoder(images, training=False)
+  assert not np.allclose(train.numpy(), infer.numpy(), atol=1e-3)
+  assert any(not np.array_equal(v.numpy(), b) for v, b in zip(moving, before))
+
+
+def test_momentum_encoder_mismatch_is_a_clear_error():
+  model, _ = _encoder_pair()
+  other = _model(resnet_depth=34)
+  other(_images(views=2), training=False)
+  encoder = other.make_momentum_encoder()
+  encoder(_images(views=2), training=False)
+  with pytest.raises(ValueError, match='does not match the model'):
+    encoder.copy_from(model)

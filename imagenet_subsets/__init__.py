@@ -1,0 +1,1 @@
+"""Semi-supervised label subsets: make, write and validate key lists."""
