@@ -43,6 +43,7 @@ import tensorflow as tf
 import checkpoints
 import data as data_lib
 import model as model_lib
+import objective
 
 PIXELS = 'pixels'
 DEFAULT_L2_GRID = tuple(float(v) for v in np.logspace(-6, 5, 45))
@@ -300,6 +301,46 @@ def extract_features(encode, dataset):
   return feats[order].reshape(len(order), -1), labels[order], ids[order]
 
 
+def distributed_feature_step(strategy, encode):
+  """A tf.function: one distributed batch → (features, ids, labels) of the
+  whole global batch, as host tensors.
+
+  `encode(images) -> [b, d]` runs on every replica under `strategy` (TPU,
+  GPUs or CPU); the rows are all-gathered on the accelerators, so every host
+  of a pod receives all of them. Build it once and reuse it: each call of
+  this function traces anew.
+  """
+  @tf.function
+  def step(batch):
+    def replica_fn(batch):
+      features = tf.cast(encode(batch['image']), tf.float32)
+      return tuple(objective.cross_replica_concat(t)
+                   for t in (features, batch['id'], batch['label']))
+    outputs = strategy.run(replica_fn, (batch,))
+    return tf.nest.map_structure(
+        lambda t: strategy.experimental_local_results(t)[0], outputs)
+  return step
+
+
+def collect_features(step, dataset):
+  """(features float32 [N, d], labels int32 [N]) in id order, from a
+  distributed `data.build_pass_input_fn` dataset (padding rows, id −1, are
+  dropped) and a `distributed_feature_step`. Ids must be 0..N−1."""
+  feats, labels, ids = [], [], []
+  for batch in dataset:
+    x, i, y = (t.numpy() for t in step(batch))
+    keep = i >= 0
+    feats.append(x[keep])
+    ids.append(i[keep])
+    labels.append(y[keep])
+  feats, ids, labels = (np.concatenate(a) for a in (feats, ids, labels))
+  order = np.argsort(ids, kind='stable')
+  if not np.array_equal(ids[order], np.arange(len(ids))):
+    raise ValueError(f'A feature pass must see every id 0..N−1 once; got '
+                     f'{len(ids)} rows, {len(np.unique(ids))} distinct ids.')
+  return feats[order].reshape(len(ids), -1), labels[order]
+
+
 def build_encoder_model(layer=0, **architecture):
   """A pretraining-mode `model.Model` (no supervised head) for features.
 
@@ -354,16 +395,22 @@ class KnnMonitor:
   the global step reaches a multiple of `period_steps` (run.py makes
   steps_per_loop divide it). Memory bank: ResNet features of the training
   split, query: the eval split, both with the eval preprocessing, exactly as
-  `evaluate.py`'s offline kNN. Results go to TensorBoard (`summary_dir`, tags
-  knn/top_1_accuracy, knn/top_5_accuracy), to the log, and to
+  `evaluate.py`'s offline kNN; the features are computed under `strategy`
+  (`distributed_feature_step`) from the distributed one-pass datasets that
+  `train_dataset_fn` and `eval_dataset_fn` return
+  (`data.build_pass_input_fn`). Results go to TensorBoard (`summary_dir`,
+  tags knn/top_1_accuracy, knn/top_5_accuracy), to the log, and to
   `history_path` (a JSON list, appended across restarts).
   """
 
   def __init__(self, model, global_step, train_dataset_fn, eval_dataset_fn,
                period_steps, steps_per_epoch=None, k=200, temperature=0.1,
-               num_classes=None, summary_dir=None, history_path=None):
+               num_classes=None, summary_dir=None, history_path=None,
+               strategy=None):
     self.global_step = global_step
     self.encode = model_encoder(model, 0)
+    self.strategy = strategy or tf.distribute.get_strategy()
+    self._step = None
     self.train_dataset_fn = train_dataset_fn
     self.eval_dataset_fn = eval_dataset_fn
     self.period_steps = int(period_steps)
@@ -397,9 +444,10 @@ class KnnMonitor:
 
   def evaluate(self, step):
     start = time.time()
-    train_x, train_y, _ = extract_features(self.encode,
-                                           self.train_dataset_fn())
-    test_x, test_y, _ = extract_features(self.encode, self.eval_dataset_fn())
+    if self._step is None:
+      self._step = distributed_feature_step(self.strategy, self.encode)
+    train_x, train_y = collect_features(self._step, self.train_dataset_fn())
+    test_x, test_y = collect_features(self._step, self.eval_dataset_fn())
     result = knn_eval(train_x, train_y, test_x, test_y, self.k,
                       self.temperature, self.num_classes)
     result.pop('protocol')

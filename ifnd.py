@@ -3,7 +3,7 @@
 Every `ifnd_reassign_epochs` the whole training set is embedded (centre
 crop, no augmentation, l2-normalised projections of the key encoder: the
 momentum encoder in memory mode, else the online network) under the
-strategy, and clustered on the host with k-means once per entry of
+strategy (`evaluate.distributed_feature_step`), and clustered on the host with k-means once per entry of
 `ifnd_num_clusters` (one level per granularity). Each example's pseudo
 label at a level is its cluster, but only the round(r·N) most confident
 examples of the level keep it (confidence = cosine to the own centroid, or
@@ -40,6 +40,7 @@ import numpy as np
 import tensorflow as tf
 
 import checkpoints
+import evaluate
 import fnc
 import objective
 
@@ -108,10 +109,8 @@ def cluster_confidence(features, centroids, assignments, kind='centroid'):
   centroid: cos(x_i, c_{a_i}) (default); margin: that minus the cosine to
   the most similar other centroid. Centroids are l2-normalised first.
   """
-  unit = centroids / np.maximum(
-      np.linalg.norm(centroids, axis=1, keepdims=True), 1e-12)
-  x = features / np.maximum(
-      np.linalg.norm(features, axis=1, keepdims=True), 1e-12)
+  unit = evaluate.l2_normalize(centroids)
+  x = evaluate.l2_normalize(features)
   own = np.einsum('nd,nd->n', x, unit[assignments])
   if kind == 'centroid':
     return own.astype(np.float32)
@@ -184,44 +183,6 @@ def assign_pseudo_labels(features, num_clusters, rate, seed=0,
   return Assignment(table=table, rate=float(rate), purity=purities,
                     cluster_sizes=sizes,
                     kmeans_seconds=time.time() - start)
-
-
-def embed_training_set(strategy, encode, dataset, num_examples):
-  """l2-normalised embeddings [N, d] and true labels [N] of a pass dataset.
-
-  `dataset`: a distributed `data.build_pass_input_fn` dataset (padding rows
-  have id −1). `encode(images) -> [b, d]` runs on every replica; the rows
-  are all-gathered on the accelerators, so every host receives all of them
-  (multi-host TPU pods included) and orders them by id.
-  """
-  @tf.function
-  def step(batch):
-    def replica_fn(batch):
-      z = tf.math.l2_normalize(tf.cast(encode(batch['image']), tf.float32),
-                               -1)
-      return (objective.cross_replica_concat(z),
-              objective.cross_replica_concat(batch['id']),
-              objective.cross_replica_concat(batch['label']))
-    outputs = strategy.run(replica_fn, (batch,))
-    return tf.nest.map_structure(
-        lambda t: strategy.experimental_local_results(t)[0], outputs)
-
-  embeddings = labels = None
-  seen = np.zeros(num_examples, bool)
-  for batch in dataset:
-    z, ids, y = (t.numpy() for t in step(batch))
-    keep = ids >= 0
-    z, ids, y = z[keep], ids[keep], y[keep]
-    if embeddings is None:
-      embeddings = np.zeros((num_examples, z.shape[1]), np.float32)
-      labels = np.full(num_examples, -1, np.int32)
-    embeddings[ids] = z
-    labels[ids] = y
-    seen[ids] = True
-  if not seen.all():
-    raise ValueError(f'The embedding pass saw {int(seen.sum())} of '
-                     f'{num_examples} training examples; ids must be dense.')
-  return embeddings, labels
 
 
 class PseudoLabelTable(tf.Module):
@@ -382,6 +343,7 @@ class Reassigner:
       with tf.io.gfile.GFile(self._path) as f:
         self.history = json.load(f)
     self._writer = None
+    self._embed_step = None
 
   def _due_step(self, step):
     return (step // self.period_steps) * self.period_steps
@@ -407,9 +369,15 @@ class Reassigner:
     num = self.ifnd.num_examples
     embed_seconds = 0.0
     if int(round(rate * num)) > 0:
-      embeddings, true_labels = embed_training_set(
-          self.context.strategy, self.context.key_encoder,
-          self.context.train_pass_dataset_fn(), num)
+      if self._embed_step is None:
+        self._embed_step = evaluate.distributed_feature_step(
+            self.context.strategy, self.context.key_encoder)
+      embeddings, true_labels = evaluate.collect_features(
+          self._embed_step, self.context.train_pass_dataset_fn())
+      if len(embeddings) != num:
+        raise ValueError(f'The embedding pass saw {len(embeddings)} training '
+                         f'examples, the pseudo-label table has {num}.')
+      embeddings = evaluate.l2_normalize(embeddings)
       embed_seconds = time.time() - start
       result = assign_pseudo_labels(
           embeddings, self.ifnd.num_clusters, rate, seed=self.ifnd.seed,
@@ -506,7 +474,7 @@ class IFND(fnc.MemoryObjective):
     self.acceptance_value = ifnd_acceptance_rate
     self.acceptance_stages = ifnd_acceptance_stages
     self.confidence = ifnd_confidence
-    self.strategy = ifnd_strategy
+    self.fn_strategy = ifnd_strategy
     self.level_combine = ifnd_level_combine
     self.kmeans_iters = ifnd_kmeans_iters
     self.seed = 0 if seed is None else seed
@@ -533,7 +501,7 @@ class IFND(fnc.MemoryObjective):
     for name, value, allowed in (
         ('ifnd_acceptance', self.acceptance, SCHEDULES),
         ('ifnd_confidence', self.confidence, CONFIDENCES),
-        ('ifnd_strategy', self.strategy, STRATEGIES),
+        ('ifnd_strategy', self.fn_strategy, STRATEGIES),
         ('ifnd_level_combine', self.level_combine, LEVEL_COMBINES)):
       if value not in allowed:
         errors.append(f'--{name}={value!r} must be one of '
@@ -602,8 +570,8 @@ class IFND(fnc.MemoryObjective):
                     queue_valid=self.queue.valid(), queue_ids=self.queue.ids,
                     queue_labels=self.queue.labels)
     result = ifnd_terms(projections, batch['id'], self.table.labels,
-                        self.temperature, self.strategy, self.level_combine,
-                        **kwargs)
+                        self.temperature, self.fn_strategy,
+                        self.level_combine, **kwargs)
     if self.queue is not None:
       self.queue.push_batch(result.current_keys, batch, self.num_views)
     metrics = dict(result.metrics, acceptance_rate=tf.identity(

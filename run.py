@@ -619,14 +619,16 @@ class Experiment:
   def make_knn_monitor(self):
     """The --knn_eval_epochs train action (evaluate.KnnMonitor)."""
     def dataset_fn(split):
-      return lambda: evaluate_lib.feature_dataset(
+      input_fn = data_lib.build_pass_input_fn(
           self.source, split, FLAGS.eval_batch_size, FLAGS.image_size)
+      return lambda: self.strategy.distribute_datasets_from_function(input_fn)
     return evaluate_lib.KnnMonitor(
         self.model, self.global_step, dataset_fn(FLAGS.train_split),
         dataset_fn(FLAGS.eval_split), self.knn_eval_steps,
         steps_per_epoch=self.epoch_steps, k=FLAGS.knn_k,
         temperature=FLAGS.knn_temperature, num_classes=self.num_classes,
         summary_dir=os.path.join(FLAGS.model_dir, 'knn'),
+        strategy=self.strategy,
         history_path=os.path.join(FLAGS.model_dir, 'knn_monitor.json'))
 
   def train_context(self):

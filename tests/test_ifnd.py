@@ -326,30 +326,6 @@ def test_two_replicas_equal_one_replica(two_replicas):
 # ---------------------------------------------------------------------------
 
 
-def test_embedding_pass_under_two_replicas_sees_every_example_once(
-    two_replicas):
-  source = data_lib.get_data_source('digits')
-  num = source.num_examples('test')
-  dataset = two_replicas.distribute_datasets_from_function(
-      data_lib.build_pass_input_fn(source, 'test', 64, 16))
-  weights = tf.constant(np.random.default_rng(0).normal(
-      size=(16 * 16 * 3, 5)).astype(np.float32))
-
-  def encode(images):
-    return tf.reshape(images, [tf.shape(images)[0], -1]) @ weights
-
-  embeddings, labels = ifnd.embed_training_set(two_replicas, encode, dataset,
-                                               num)
-  images, expected_labels = source.arrays('test')
-  local = data_lib.build_pass_input_fn(source, 'test', 64, 16)(None)
-  reference = np.concatenate([encode(batch['image']).numpy()[
-      batch['id'].numpy() >= 0] for batch in local])
-  np.testing.assert_allclose(embeddings, _unit(reference), rtol=1e-5,
-                             atol=1e-6)
-  np.testing.assert_array_equal(labels, expected_labels)
-  assert len(images) == num
-
-
 def test_table_assign_writes_every_replica(two_replicas):
   with two_replicas.scope():
     table = ifnd.PseudoLabelTable(5, 2)
@@ -434,7 +410,7 @@ def test_objective_registration_and_defaults():
   assert cls is ifnd.IFND and cls.needs_example_ids
   objective = cls(memory_multiplier=None)   # unset flag: in-batch
   assert objective.num_views == 2 and not objective.uses_momentum_encoder
-  assert objective.strategy == 'elimination'
+  assert objective.fn_strategy == 'elimination'
   assert objective.level_combine == 'mean'
   assert cls(memory_multiplier=4).momentum_decay == 0.999
   assert fnc.FNC(memory_multiplier=None).memory_multiplier == 16
