@@ -80,7 +80,7 @@ def kmeans(features, num_clusters, seed=0, max_iter=100, seed_sample=None):
   k-means++ seeding, which makes k passes over the points it seeds from,
   runs on a random subsample of `seed_sample` points (default
   max(20·k, 10 000); all of them when N is smaller); Lloyd then runs on all
-  points (benchmarks/ifnd_cost.py: 154 s for 1.28 M × 128, k = 1000, on 2
+  points (benchmarks/ifnd_cost.py: 144 s for 1.28 M × 128, k = 1000, on 2
   cores).
 
   Returns (centroids [k, d] float32, assignments [N] int32).
