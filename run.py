@@ -594,37 +594,29 @@ class Experiment:
         2, 7, translate_const=max(1, round(100 * scale)),
         cutout_const=max(1, round(40 * scale)))
 
-  def input_fn(self, is_training, batch_size):
-    split = FLAGS.train_split if is_training else FLAGS.eval_split
+  def train_input_fn(self, batch_size):
+    """Augmented training batches of train_split (`num_views` views)."""
     return data_lib.build_input_fn(
-        self.source, split, batch_size, is_training=is_training,
+        self.source, FLAGS.train_split, batch_size, is_training=True,
         image_size=FLAGS.image_size, num_views=self.num_views,
         train_mode=FLAGS.train_mode,
         color_jitter_strength=FLAGS.color_jitter_strength,
         use_blur=FLAGS.use_blur, cache_dataset=FLAGS.cache_dataset,
         crop_area_min=FLAGS.crop_area_min, seed=FLAGS.seed,
-        randaugment=self.randaugment() if is_training else None)
+        randaugment=self.randaugment())
 
-  def distributed_dataset(self, is_training):
-    """Training batches, or one padded pass over eval_split (every replica
-    gets whole batches; the evaluator ignores the padding rows)."""
-    if is_training:
-      input_fn = self.input_fn(True, FLAGS.train_batch_size)
-    else:
-      input_fn = data_lib.build_pass_input_fn(
-          self.source, FLAGS.eval_split, FLAGS.eval_batch_size,
-          FLAGS.image_size)
-    return self.strategy.distribute_datasets_from_function(input_fn)
+  def pass_dataset_fn(self, split):
+    """() -> one distributed pass over `split` (eval preprocessing, padded
+    to whole global batches; consumers drop the rows with id −1)."""
+    input_fn = data_lib.build_pass_input_fn(
+        self.source, split, FLAGS.eval_batch_size, FLAGS.image_size)
+    return lambda: self.strategy.distribute_datasets_from_function(input_fn)
 
   def make_knn_monitor(self):
     """The --knn_eval_epochs train action (evaluate.KnnMonitor)."""
-    def dataset_fn(split):
-      input_fn = data_lib.build_pass_input_fn(
-          self.source, split, FLAGS.eval_batch_size, FLAGS.image_size)
-      return lambda: self.strategy.distribute_datasets_from_function(input_fn)
     return evaluate_lib.KnnMonitor(
-        self.model, self.global_step, dataset_fn(FLAGS.train_split),
-        dataset_fn(FLAGS.eval_split), self.knn_eval_steps,
+        self.model, self.global_step, self.pass_dataset_fn(FLAGS.train_split),
+        self.pass_dataset_fn(FLAGS.eval_split), self.knn_eval_steps,
         steps_per_epoch=self.epoch_steps, k=FLAGS.knn_k,
         temperature=FLAGS.knn_temperature, num_classes=self.num_classes,
         summary_dir=os.path.join(FLAGS.model_dir, 'knn'),
@@ -633,23 +625,17 @@ class Experiment:
 
   def train_context(self):
     """What the objective's train actions may use (objective.TrainContext)."""
-    encoder = self.momentum_encoder or self.model
-
-    @tf.function(reduce_retracing=True)
-    def key_encoder(images):
-      if encoder is self.model:
-        return encoder(images, training=False)[0]
-      return encoder(images, training=False)
-
-    pass_input_fn = data_lib.build_pass_input_fn(
-        self.source, FLAGS.train_split, FLAGS.eval_batch_size,
-        FLAGS.image_size)
+    if self.momentum_encoder is not None:
+      key_encoder = tf.function(
+          lambda images: self.momentum_encoder(images, training=False))
+    else:
+      key_encoder = tf.function(
+          lambda images: self.model(images, training=False)[0])
     return obj_lib.TrainContext(
         strategy=self.strategy, global_step=self.global_step,
         train_steps=self.train_steps, steps_per_epoch=self.epoch_steps,
         key_encoder=key_encoder,
-        train_pass_dataset_fn=lambda: (
-            self.strategy.distribute_datasets_from_function(pass_input_fn)),
+        train_pass_dataset_fn=self.pass_dataset_fn(FLAGS.train_split),
         model_dir=FLAGS.model_dir)
 
   def controller(self, with_trainer, with_evaluator):
@@ -658,7 +644,8 @@ class Experiment:
     if with_trainer:
       trainer = trainer_lib.Trainer(
           self.strategy, self.model, self.optimizer, self.objective,
-          self.distributed_dataset(is_training=True),
+          self.strategy.distribute_datasets_from_function(
+              self.train_input_fn(FLAGS.train_batch_size)),
           train_mode=FLAGS.train_mode, optimizer_name=FLAGS.optimizer,
           weight_decay=FLAGS.weight_decay,
           momentum_encoder=self.momentum_encoder)
@@ -675,7 +662,7 @@ class Experiment:
     if with_evaluator:
       evaluator = trainer_lib.Evaluator(
           self.strategy, self.model,
-          self.distributed_dataset(is_training=False), self.num_classes,
+          self.pass_dataset_fn(FLAGS.eval_split)(), self.num_classes,
           optimizer_name=FLAGS.optimizer, weight_decay=FLAGS.weight_decay)
     summaries_on = FLAGS.train_summary_steps != 0
     eval_dir = 'eval_' + FLAGS.eval_name if FLAGS.eval_name else 'eval'
@@ -696,7 +683,7 @@ class Experiment:
                    step, self.train_steps)
       return
     if FLAGS.train_summary_steps != 0:
-      preview = self.input_fn(True, min(8, FLAGS.train_batch_size))
+      preview = self.train_input_fn(min(8, FLAGS.train_batch_size))
       write_view_grid(preview, self.num_views, FLAGS.model_dir, step)
     logging.info('Training %s (%s) from step %d to %d: %d examples, global '
                  'batch %d, %d replica(s).', FLAGS.objective,
@@ -748,7 +735,7 @@ def run(strategy=None):
   tf.io.gfile.makedirs(FLAGS.model_dir)
   if FLAGS.mode == 'preview':
     path = evaluate_lib.save_view_grid(
-        experiment.input_fn(True, min(8, FLAGS.train_batch_size))(None),
+        experiment.train_input_fn(min(8, FLAGS.train_batch_size))(None),
         experiment.num_views, os.path.join(FLAGS.model_dir, 'preview.png'))
     print(f'Wrote {path} (one row per image, its {experiment.num_views} '
           'augmented views side by side).')

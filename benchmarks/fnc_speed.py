@@ -32,12 +32,12 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import sys
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+sys.path.insert(0, os.path.join(REPO, 'benchmarks'))
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
 import tensorflow as tf  # noqa: E402
@@ -48,6 +48,7 @@ import fnc  # noqa: E402
 import lars_optimizer  # noqa: E402
 import model as model_lib  # noqa: E402
 import objective as obj_lib  # noqa: E402
+from timing import alternate  # noqa: E402
 
 RESULTS = os.path.join(REPO, 'benchmarks', 'results', 'fnc_speed.json')
 
@@ -86,19 +87,6 @@ def make_step(model, optimizer, objective, encoder=None, decay=None):
       encoder.update_from(model, decay)
     return loss
   return step
-
-
-def alternate(fns, rounds, steps):
-  """Seconds per call of each zero-argument fn, median over rounds."""
-  per_round = {name: [] for name in fns}
-  for _ in range(rounds):
-    for name, fn in fns.items():
-      start = time.perf_counter()
-      for _ in range(steps):
-        out = fn()
-      tf.nest.map_structure(lambda t: t.numpy(), out)
-      per_round[name].append((time.perf_counter() - start) / steps)
-  return {k: statistics.median(v) for k, v in per_round.items()}, per_round
 
 
 def loss_only(objective, projections, keys, batch):

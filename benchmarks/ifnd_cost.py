@@ -72,20 +72,12 @@ def reassignment_cost(dataset, args):
   }
   FLAGS.unparse_flags()
   FLAGS(['run.py'] + [f'--{k}={v}' for k, v in settings.items()])
-  tf.io.gfile.rmtree(settings['model_dir']) if tf.io.gfile.exists(
-      settings['model_dir']) else None
-  strategy = run.build_strategy()
-  experiment = run.Experiment(strategy)
-  controller = experiment.controller(True, False)
-  del controller
-  trainer = None
+  if tf.io.gfile.exists(settings['model_dir']):
+    tf.io.gfile.rmtree(settings['model_dir'])
+  experiment = run.Experiment(run.build_strategy())
+  trainer = experiment.controller(True, False).trainer
   reassigner = next(a for a in experiment.train_actions
                     if isinstance(a, ifnd.Reassigner))
-  import trainer as trainer_lib
-  trainer = trainer_lib.Trainer(
-      strategy, experiment.model, experiment.optimizer, experiment.objective,
-      experiment.distributed_dataset(is_training=True),
-      optimizer_name=FLAGS.optimizer, weight_decay=FLAGS.weight_decay)
   trainer.train(tf.constant(2))  # tracing and warm-up
   start = time.time()
   trainer.train(tf.constant(args.steps))

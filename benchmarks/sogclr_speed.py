@@ -22,12 +22,12 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import sys
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+sys.path.insert(0, os.path.join(REPO, 'benchmarks'))
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
 import numpy as np  # noqa: E402
@@ -37,6 +37,7 @@ import lars_optimizer  # noqa: E402
 import model as model_lib  # noqa: E402
 import objective as obj_lib  # noqa: E402
 import sogcl  # noqa: E402
+from timing import alternate, cycling  # noqa: E402
 
 IMAGENET_TRAIN_EXAMPLES = 1_281_167
 RESULTS = os.path.join(REPO, 'benchmarks', 'results', 'sogclr_speed.json')
@@ -58,20 +59,15 @@ def id_batches(num_examples, batch_size, count, seed=0):
           for k in range(count)]
 
 
-def alternate(step_fns, args_list, rounds, steps):
-  """Seconds per step of each fn in every round (rounds alternate fns)."""
-  for fn in step_fns.values():  # trace + warm up
-    for args in args_list[:2]:
-      fn(*args).numpy()
-  per_round = {name: [] for name in step_fns}
-  for _ in range(rounds):
-    for name, fn in step_fns.items():
-      start = time.perf_counter()
-      for k in range(steps):
-        out = fn(*args_list[k % len(args_list)])
-      out.numpy()
-      per_round[name].append((time.perf_counter() - start) / steps)
-  return per_round
+def timed(step_fns, args_list, rounds, steps):
+  """(median, per-round) seconds per step of each fn (`timing.alternate`),
+  each called on the batches of `args_list` in turn, after two warm-up
+  calls."""
+  fns = {name: cycling(fn, args_list) for name, fn in step_fns.items()}
+  for fn in fns.values():  # trace + warm up
+    for _ in range(2):
+      fn().numpy()
+  return alternate(fns, rounds, steps)
 
 
 def bench_model(batch_size, rounds, steps, num_examples=50_000):
@@ -96,7 +92,7 @@ def bench_model(batch_size, rounds, steps, num_examples=50_000):
 
   fns = {name: make_step(obj) for name, obj in objectives.items()}
   ids = [(t,) for t in id_batches(num_examples, batch_size, 8)]
-  return alternate(fns, ids, rounds, steps)
+  return timed(fns, ids, rounds, steps)
 
 
 def bench_loss(batch_size, dim, num_examples, rounds, steps):
@@ -114,7 +110,7 @@ def bench_loss(batch_size, dim, num_examples, rounds, steps):
 
   fns = {name: make_step(obj) for name, obj in objectives.items()}
   ids = [(t,) for t in id_batches(num_examples, batch_size, 16)]
-  return alternate(fns, ids, rounds, steps)
+  return timed(fns, ids, rounds, steps)
 
 
 def main():
@@ -128,12 +124,11 @@ def main():
   args = parser.parse_args()
 
   started = time.time()
-  model_rounds = bench_model(args.model_batch, args.model_rounds,
-                             args.model_steps)
-  loss_rounds = bench_loss(args.loss_batch, 128, IMAGENET_TRAIN_EXAMPLES,
-                           args.loss_rounds, args.loss_steps)
-  model_times = {k: statistics.median(v) for k, v in model_rounds.items()}
-  loss_times = {k: statistics.median(v) for k, v in loss_rounds.items()}
+  model_times, model_rounds = bench_model(args.model_batch,
+                                          args.model_rounds, args.model_steps)
+  loss_times, loss_rounds = bench_loss(args.loss_batch, 128,
+                                       IMAGENET_TRAIN_EXAMPLES,
+                                       args.loss_rounds, args.loss_steps)
   ms = lambda rounds: {k: [round(1e3 * t, 2) for t in v]  # noqa: E731
                        for k, v in rounds.items()}
   u_bytes = 4 * IMAGENET_TRAIN_EXAMPLES

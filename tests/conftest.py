@@ -15,6 +15,7 @@ _cpus = tf.config.list_physical_devices('CPU')
 tf.config.set_logical_device_configuration(
     _cpus[0], [tf.config.LogicalDeviceConfiguration()] * 2)
 
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 _TWO_REPLICAS = None
@@ -36,3 +37,15 @@ def two_replica_strategy():
 @pytest.fixture(name='two_replicas')
 def two_replicas_fixture():
   return two_replica_strategy()
+
+
+def assert_same_value_and_gradient(variable, loss_fn, reference_fn):
+  """loss_fn() and reference_fn(), scalars computed from the float64
+  `variable`, agree to rounding in value and in gradient."""
+  with tf.GradientTape(persistent=True) as tape:
+    value = loss_fn()
+    expected = reference_fn()
+  np.testing.assert_allclose(value.numpy(), expected.numpy(), rtol=1e-12)
+  np.testing.assert_allclose(tape.gradient(value, variable).numpy(),
+                             tape.gradient(expected, variable).numpy(),
+                             rtol=1e-10, atol=1e-14)

@@ -213,7 +213,7 @@ def test_run_train_subset_sets_the_number_of_examples(tmp_path):
   run.validate_flags()
   experiment = run.Experiment(tf.distribute.get_strategy())
   assert experiment.num_train_examples == len(keys) == 287
-  batch = next(iter(experiment.input_fn(True, 32)(None)))
+  batch = next(iter(experiment.train_input_fn(32)(None)))
   assert int(tf.reduce_max(batch['id'])) < 287
   FLAGS.unparse_flags()
   FLAGS(['run.py', '--dataset=digits', f'--model_dir={tmp_path / "m"}',

@@ -408,7 +408,7 @@ def test_num_classes_and_crop_area_min_reach_the_experiment(tmp_path):
 
     data_lib.build_input_fn = spy
     try:
-      experiment.input_fn(True, 8)
+      experiment.train_input_fn(8)
     finally:
       data_lib.build_input_fn = original
     assert seen['crop_area_min'] == 0.9
