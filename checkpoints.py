@@ -10,13 +10,14 @@ with `re.match`, so the FNC/TF1 README values keep their meaning:
 linear head.
 """
 
-import collections
 import json
 import os
 import re
 
 from absl import logging
 import tensorflow as tf
+
+import model as model_lib
 
 MODEL_KEY = 'model'
 VALUE_SUFFIX = '/.ATTRIBUTES/VARIABLE_VALUE'
@@ -25,35 +26,6 @@ BACKBONE_PREFIX = 'base_model/'
 
 class CheckpointMismatchError(ValueError):
   """A checkpoint does not fit the model built from the flags."""
-
-
-def _escape(name):
-  """Escapes a child name the way TF checkpoint keys do."""
-  return name.replace('.', '..').replace('/', '.S')
-
-
-def variable_paths(root):
-  """{checkpoint path below `root`: variable} for every variable of `root`.
-
-  Breadth-first over the object graph, first path wins, as TF names
-  checkpoint keys.
-  """
-  view = tf.train.TrackableView(root)
-  paths = {}
-  seen = {id(root)}
-  queue = collections.deque([(root, '')])
-  while queue:
-    obj, path = queue.popleft()
-    for name, child in view.children(obj).items():
-      if id(child) in seen:
-        continue
-      seen.add(id(child))
-      child_path = f'{path}/{_escape(name)}' if path else _escape(name)
-      if isinstance(child, tf.Variable):
-        paths[child_path] = child
-      else:
-        queue.append((child, child_path))
-  return paths
 
 
 def resolve_checkpoint_path(path):
@@ -90,7 +62,7 @@ def _compare(model, path, pattern):
   reader = tf.train.load_checkpoint(path)
   shapes = reader.get_variable_to_shape_map()
   to_restore, missing, mismatched = [], [], []
-  for name, var in sorted(variable_paths(model).items()):
+  for name, var in sorted(model_lib.variable_paths(model).items()):
     if pattern is not None and not pattern.match(name):
       continue
     key = f'{MODEL_KEY}/{name}{VALUE_SUFFIX}'
@@ -220,3 +192,11 @@ def write_json(path, payload):
   with tf.io.gfile.GFile(tmp, 'w') as f:
     json.dump(payload, f, indent=2, sort_keys=True)
   tf.io.gfile.rename(tmp, path, overwrite=True)
+
+
+def read_json(path, default=None):
+  """The JSON value in `path`, or `default` when there is no such file."""
+  if not path or not tf.io.gfile.exists(path):
+    return default
+  with tf.io.gfile.GFile(path) as f:
+    return json.load(f)

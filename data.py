@@ -1,4 +1,4 @@
-"""Datasets, dense example ids, multi-view batches and their distribution.
+"""Datasets, dense example ids and multi-view training batches.
 
 Three kinds of data source (see `get_data_source`):
 
@@ -24,8 +24,10 @@ are re-indexed densely in ascending order of their original ids.
 
 `build_input_fn` turns a source into SimCLR-style batches whose image holds
 the V views concatenated on the channel axis (view v = channels 3v..3v+2);
-`distribute` hands it to a `tf.distribute` strategy (one pipeline per host,
-sharded through the `InputContext`).
+its `input_fn(input_context)` goes to a strategy's
+`distribute_datasets_from_function` (one pipeline per host, sharded through
+the `InputContext`). `eval_view` is the eval preprocessing, shared with the
+padded feature passes of features.py.
 """
 import copy
 import logging
@@ -716,43 +718,6 @@ def eval_view(image, image_size):
                                     test_crop=image_size > 32)
 
 
-def build_pass_input_fn(source, split, global_batch_size, image_size):
-  """One pass over `split` (eval preprocessing) for code running under a
-  strategy, padded to whole global batches.
-
-  Every replica gets the same number of full batches (static shapes, as
-  TPUs need, and equal shapes for cross-replica gathers): each input
-  pipeline's shard is followed by padding rows (zero image, label and id
-  −1) up to ceil(N / global_batch_size) steps. Drop rows with id < 0.
-  """
-  num_examples = source.num_examples(split)
-  num_steps = -(-num_examples // global_batch_size)
-
-  def input_fn(input_context=None):
-    if input_context is None:
-      per_replica, replicas_per_pipeline = global_batch_size, 1
-    else:
-      per_replica = input_context.get_per_replica_batch_size(
-          global_batch_size)
-      replicas_per_pipeline = (input_context.num_replicas_in_sync //
-                               input_context.num_input_pipelines)
-    rows = num_steps * replicas_per_pipeline * per_replica
-    ds = source.load(split, input_context=input_context)
-    ds = ds.map(lambda ex: {'image': eval_view(ex['image'], image_size),
-                            'label': tf.cast(ex['label'], tf.int32),
-                            'id': tf.cast(ex['id'], tf.int32)},
-                num_parallel_calls=_AUTOTUNE)
-    padding = tf.data.Dataset.from_tensors({
-        'image': tf.zeros([image_size, image_size, 3], tf.float32),
-        'label': tf.constant(-1, tf.int32),
-        'id': tf.constant(-1, tf.int32)}).repeat()
-    ds = ds.concatenate(padding).take(rows)
-    ds = ds.batch(per_replica, drop_remainder=True)
-    return ds.prefetch(_AUTOTUNE)
-
-  return input_fn
-
-
 def build_input_fn(source, split, global_batch_size, is_training, image_size,
                    num_views=2, train_mode='pretrain',
                    color_jitter_strength=1.0, use_blur=True,
@@ -812,8 +777,3 @@ def build_input_fn(source, split, global_batch_size, is_training, image_size,
     return ds.prefetch(_AUTOTUNE)
 
   return input_fn
-
-
-def distribute(strategy, input_fn):
-  """Per-replica dataset: one `input_fn` pipeline per host, via its context."""
-  return strategy.distribute_datasets_from_function(input_fn)

@@ -86,14 +86,6 @@ def _jitter_ops(brightness, contrast, saturation, hue, impl):
   return [bright, contr, satur, hue_op]
 
 
-def color_jitter_nonrand(image, brightness=0, contrast=0, saturation=0, hue=0,
-                         impl='simclrv2'):
-  """Brightness, contrast, saturation, hue in this fixed order; clip after each."""
-  for op in _jitter_ops(brightness, contrast, saturation, hue, impl):
-    image = tf.clip_by_value(op(image), 0., 1.)
-  return image
-
-
 def color_jitter_rand(image, brightness=0, contrast=0, saturation=0, hue=0,
                       impl='simclrv2'):
   """The four jitter ops in a uniformly random order; clip after each."""
@@ -106,14 +98,15 @@ def color_jitter_rand(image, brightness=0, contrast=0, saturation=0, hue=0,
   return image
 
 
-def color_jitter(image, strength, random_order=True, impl='simclrv2'):
-  """Colour jitter of strength s: brightness/contrast/saturation 0.8s, hue 0.2s."""
+def color_jitter(image, strength, impl='simclrv2'):
+  """Colour jitter of strength s: brightness/contrast/saturation 0.8s, hue 0.2s,
+  in a random order (SPEC §6)."""
   brightness = 0.8 * strength
   contrast = 0.8 * strength
   saturation = 0.8 * strength
   hue = 0.2 * strength
-  fn = color_jitter_rand if random_order else color_jitter_nonrand
-  return fn(image, brightness, contrast, saturation, hue, impl=impl)
+  return color_jitter_rand(image, brightness, contrast, saturation, hue,
+                           impl=impl)
 
 
 def apply_randaugment(image, randaugment):
@@ -249,14 +242,6 @@ def crop_and_resize(image, height, width, area_range=(0.08, 1.0),
   if return_box:
     return image, box
   return image
-
-
-def random_crop_with_resize(image, height, width, p=1.0,
-                            area_range=(0.08, 1.0)):
-  """crop_and_resize with probability p (SimCLR's name for the train crop)."""
-  return random_apply(
-      lambda x: crop_and_resize(x, height, width, area_range=area_range),
-      p=p, x=image)
 
 
 def gaussian_blur(image, kernel_size, sigma, padding='SAME'):

@@ -64,27 +64,23 @@ def variable_matches(var, patterns):
 class LARSOptimizer(tf_keras.optimizers.legacy.Optimizer):
   """Layer-wise Adaptive Rate Scaling (You et al., 2017) as in SimCLR.
 
-  Classic momentum (default), per variable w with gradient g:
+  Classic momentum, per variable w with gradient g (SPEC §5):
     g <- g + wd * w                      (unless excluded from weight decay)
     trust = eeta * |w| / |g|             (if adapted and both norms > 0, else 1)
     v <- m * v + lr * trust * g
-    w <- w - v                           (nesterov: w <- w - (m * v + lr * trust * g))
-  Non-classic ("popular") momentum:
-    v <- m * v + g;  u = v  (nesterov: u = m * v + g)
-    trust = eeta * |w| / |u|;  w <- w - lr * trust * u
+    w <- w - v
   Exclusions are substring patterns on variable names (`variable_matches`).
   `exclude_from_layer_adaptation` defaults to `exclude_from_weight_decay` when
   None or empty. The momentum slot is named 'Momentum', as in SimCLR.
+  (SimCLR's unused Nesterov and "popular momentum" variants are not offered.)
   """
 
   def __init__(self,
                learning_rate,
                momentum=0.9,
-               use_nesterov=False,
                weight_decay=0.0,
                exclude_from_weight_decay=None,
                exclude_from_layer_adaptation=None,
-               classic_momentum=True,
                eeta=EETA_DEFAULT,
                name='LARSOptimizer',
                **kwargs):
@@ -92,9 +88,7 @@ class LARSOptimizer(tf_keras.optimizers.legacy.Optimizer):
     self._set_hyper('learning_rate', learning_rate)
     self._set_hyper('decay', self._initial_decay)
     self.momentum = momentum
-    self.use_nesterov = use_nesterov
     self.weight_decay = weight_decay
-    self.classic_momentum = classic_momentum
     self.eeta = eeta
     self.exclude_from_weight_decay = list(exclude_from_weight_decay or [])
     if exclude_from_layer_adaptation:
@@ -134,18 +128,9 @@ class LARSOptimizer(tf_keras.optimizers.legacy.Optimizer):
       grad = grad + tf.cast(self.weight_decay, var_dtype) * var
     adapt = self._do_layer_adaptation(var)
 
-    if self.classic_momentum:
-      trust = self._trust_ratio(var, grad, var_dtype) if adapt else 1.0
-      scaled_lr = lr * trust
-      next_v = momentum * v + scaled_lr * grad
-      update = (momentum * next_v + scaled_lr * grad
-                if self.use_nesterov else next_v)
-      next_var = var - update
-    else:
-      next_v = momentum * v + grad
-      update = momentum * next_v + grad if self.use_nesterov else next_v
-      trust = self._trust_ratio(var, update, var_dtype) if adapt else 1.0
-      next_var = var - lr * trust * update
+    trust = self._trust_ratio(var, grad, var_dtype) if adapt else 1.0
+    next_v = momentum * v + lr * trust * grad
+    next_var = var - next_v
 
     return tf.group(var.assign(next_var, use_locking=self._use_locking),
                     v.assign(next_v, use_locking=self._use_locking))
@@ -162,11 +147,9 @@ class LARSOptimizer(tf_keras.optimizers.legacy.Optimizer):
         'learning_rate': self._serialize_hyperparameter('learning_rate'),
         'decay': self._initial_decay,
         'momentum': self.momentum,
-        'use_nesterov': self.use_nesterov,
         'weight_decay': self.weight_decay,
         'exclude_from_weight_decay': self.exclude_from_weight_decay,
         'exclude_from_layer_adaptation': self.exclude_from_layer_adaptation,
-        'classic_momentum': self.classic_momentum,
         'eeta': self.eeta,
     })
     return config

@@ -12,12 +12,12 @@ ResNet), `head_contrastive/` (projection head) and `head_supervised/`
 (linear head).
 """
 
+import collections
 import types
 
 import tensorflow as tf
 import tf_keras
 
-import checkpoints
 import lars_optimizer
 import resnet
 
@@ -29,6 +29,35 @@ get_train_steps = lars_optimizer.get_train_steps
 BASE_MODEL_NAME = 'base_model'
 PROJECTION_HEAD_NAME = 'head_contrastive'
 SUPERVISED_HEAD_NAME = 'head_supervised'
+
+
+def _escape(name):
+  """Escapes a child name the way TF checkpoint keys do."""
+  return name.replace('.', '..').replace('/', '.S')
+
+
+def variable_paths(root):
+  """{checkpoint path below `root`: variable} for every variable of `root`.
+
+  Breadth-first over the object graph, first path wins, as TF names
+  checkpoint keys.
+  """
+  view = tf.train.TrackableView(root)
+  paths = {}
+  seen = {id(root)}
+  queue = collections.deque([(root, '')])
+  while queue:
+    obj, path = queue.popleft()
+    for name, child in view.children(obj).items():
+      if id(child) in seen:
+        continue
+      seen.add(id(child))
+      child_path = f'{path}/{_escape(name)}' if path else _escape(name)
+      if isinstance(child, tf.Variable):
+        paths[child_path] = child
+      else:
+        queue.append((child, child_path))
+  return paths
 
 
 class LinearLayer(tf_keras.layers.Layer):
@@ -143,6 +172,26 @@ def stack_views(inputs):
   return tf.concat(tf.split(inputs, num_views, axis=-1), axis=0)
 
 
+def build_encoder(resnet_depth=50, width_multiplier=1, cifar_stem=False,
+                  sk_ratio=0.0, se_ratio=0.0, proj_head_mode='nonlinear',
+                  proj_out_dim=128, num_proj_layers=3, ft_proj_selector=0,
+                  train_mode='pretrain', fine_tune_after_block=-1,
+                  batch_norm_decay=0.9, global_bn=True):
+  """(ResNet, projection head) named `base_model` and `head_contrastive`:
+  the encoder that `Model` and its `MomentumEncoder` twin share."""
+  bn_args = dict(batch_norm_decay=batch_norm_decay, global_bn=global_bn)
+  base_model = resnet.resnet(
+      resnet_depth=resnet_depth, width_multiplier=width_multiplier,
+      cifar_stem=cifar_stem, sk_ratio=sk_ratio, se_ratio=se_ratio,
+      fine_tune_after_block=fine_tune_after_block, name=BASE_MODEL_NAME,
+      **bn_args)
+  head = ProjectionHead(
+      proj_head_mode=proj_head_mode, proj_out_dim=proj_out_dim,
+      num_proj_layers=num_proj_layers, ft_proj_selector=ft_proj_selector,
+      train_mode=train_mode, **bn_args)
+  return base_model, head
+
+
 class Model(tf_keras.models.Model):
   """ResNet + projection head + supervised head.
 
@@ -175,16 +224,10 @@ class Model(tf_keras.models.Model):
         proj_head_mode=proj_head_mode, proj_out_dim=proj_out_dim,
         num_proj_layers=num_proj_layers, batch_norm_decay=batch_norm_decay,
         global_bn=global_bn))
-    bn_args = dict(batch_norm_decay=batch_norm_decay, global_bn=global_bn)
-    self.base_model = resnet.resnet(
-        resnet_depth=resnet_depth, width_multiplier=width_multiplier,
-        cifar_stem=cifar_stem, sk_ratio=sk_ratio, se_ratio=se_ratio,
-        fine_tune_after_block=fine_tune_after_block, name=BASE_MODEL_NAME,
-        **bn_args)
-    self.head_contrastive = ProjectionHead(
-        proj_head_mode=proj_head_mode, proj_out_dim=proj_out_dim,
-        num_proj_layers=num_proj_layers, ft_proj_selector=ft_proj_selector,
-        train_mode=train_mode, **bn_args)
+    self.base_model, self.head_contrastive = build_encoder(
+        fine_tune_after_block=fine_tune_after_block,
+        ft_proj_selector=ft_proj_selector, train_mode=train_mode,
+        **self._encoder_config)
     if train_mode == 'finetune' or lineareval_while_pretraining:
       self.head_supervised = SupervisedHead(num_classes)
     else:
@@ -255,19 +298,11 @@ class MomentumEncoder(tf_keras.Model):
   v·b + k is view v of image k), the same stacking as `Model.call`.
   """
 
-  def __init__(self, resnet_depth=50, width_multiplier=1, cifar_stem=False,
-               sk_ratio=0.0, se_ratio=0.0, proj_head_mode='nonlinear',
-               proj_out_dim=128, num_proj_layers=3, batch_norm_decay=0.9,
-               global_bn=True, **kwargs):
-    super().__init__(**kwargs)
-    bn_args = dict(batch_norm_decay=batch_norm_decay, global_bn=global_bn)
-    self.base_model = resnet.resnet(
-        resnet_depth=resnet_depth, width_multiplier=width_multiplier,
-        cifar_stem=cifar_stem, sk_ratio=sk_ratio, se_ratio=se_ratio,
-        name=BASE_MODEL_NAME, **bn_args)
-    self.head_contrastive = ProjectionHead(
-        proj_head_mode=proj_head_mode, proj_out_dim=proj_out_dim,
-        num_proj_layers=num_proj_layers, train_mode='pretrain', **bn_args)
+  def __init__(self, name='momentum_encoder', **encoder_config):
+    """`encoder_config`: the architecture arguments of `build_encoder`
+    (those of the `Model` it follows)."""
+    super().__init__(name=name)
+    self.base_model, self.head_contrastive = build_encoder(**encoder_config)
     self._pairs = None
 
   def call(self, inputs, training=True):
@@ -282,8 +317,8 @@ class MomentumEncoder(tf_keras.Model):
       return self._pairs[1]
     pairs = []
     for name in (BASE_MODEL_NAME, PROJECTION_HEAD_NAME):
-      own = checkpoints.variable_paths(getattr(self, name))
-      online = checkpoints.variable_paths(getattr(model, name))
+      own = variable_paths(getattr(self, name))
+      online = variable_paths(getattr(model, name))
       if own.keys() != online.keys():
         missing = sorted(set(own) ^ set(online))
         raise ValueError(

@@ -1,18 +1,46 @@
-"""Contrastive objectives: shared primitives, NT-Xent and the objective registry.
+"""Contrastive objectives: the shared machinery, NT-Xent and the registry.
 
 Every objective (SimCLR here; FNC, SogCLR and IFND in their own modules)
-plugs into one small interface, `Objective`, and registers itself by name.
-`run.py` only ever calls `get_objective_class(FLAGS.objective)`.
+plugs into one small interface, `Objective`, and registers itself by name
+(`register`, `get_objective_class`). It is built from its config dataclass
+(`Objective.from_config`): constructor arguments and config fields are the
+same names.
 
-Shared primitives live here once: the differentiable cross-replica gather,
-the global labels of the local rows, and the contrastive metrics.
+What more than one objective needs lives here, once:
+
+* cross-replica primitives: the differentiable gather
+  (`cross_replica_concat`), its view-major form (`gather_view_major`), the
+  global indices of the local rows, replicated non-trainable state;
+* NT-Xent (`nt_xent_loss`, `add_contrastive_loss`) and its metrics;
+* the candidate columns of multi-view and memory-queue objectives (FNC,
+  IFND): `contrast_columns`, the own-image mask, per-column ids / labels
+  (`values_per_column`), the loss with false negatives cancelled
+  (`cancellation_loss`) and its metrics, `MemoryQueue`, and
+  `MemoryObjective`, the base of objectives with an optional momentum-key
+  queue.
+
+Column layout. Every tensor of views is view-major: row v·b + k is view v of
+local image k ([V·b, d]); after the cross-replica gather, row v·B + i is view
+v of the image with global index i. The candidate columns are
+
+  in-batch: the V·B online views of the global batch;
+  memory mode: the V·B momentum-encoder keys of the global batch, then the
+  queue's K earlier keys, newest first.
+
+Either way the first V·B columns are the current batch, so the columns of
+the anchor's own image are v·B + i (`own_image_mask`).
 """
 
-from typing import Callable, NamedTuple
+import dataclasses
+from typing import Callable, NamedTuple, Optional
 
 import tensorflow as tf
 
 LARGE_NUM = 1e9
+
+# How `cancellation_loss` treats false negatives F: as extra positives
+# (attraction) or removed from the denominator (elimination).
+CANCELLATION_STRATEGIES = ('attraction', 'elimination')
 
 
 class _LocalOnly:
@@ -79,6 +107,30 @@ def cross_replica_concat(tensor, replica_context=None):
         shape=tf.concat([[num_replicas], tf.shape(tensor)], axis=0))
     slots = ctx.all_reduce(tf.distribute.ReduceOp.SUM, slots)
     return tf.reshape(slots, tf.concat([[-1], tf.shape(tensor)[1:]], axis=0))
+
+
+def gather_view_major(local, num_views, replica_context=None):
+  """All-gathers view-major rows, keeping them view-major.
+
+  Args:
+    local: [V·b, ...] rows of this replica, row v·b + k = view v of image k.
+    num_views: V.
+    replica_context: as `cross_replica_concat`.
+
+  Returns:
+    [V·B, ...] with row v·B + r·b + k = view v of image k of replica r, i.e.
+    view v of the image with global index i = r·b + k. One (differentiable)
+    all-reduce, whatever V.
+  """
+  gathered = cross_replica_concat(local, replica_context)
+  rows = tf.shape(local)[0]
+  num_replicas = tf.shape(gathered)[0] // rows
+  inner = tf.shape(local)[1:]
+  rank = len(local.shape)
+  blocks = tf.reshape(gathered, tf.concat(
+      [[num_replicas, num_views, rows // num_views], inner], axis=0))
+  blocks = tf.transpose(blocks, [1, 0] + list(range(2, rank + 2)))
+  return tf.reshape(blocks, tf.concat([[-1], inner], axis=0))
 
 
 def global_row_indices(local_batch_size, replica_context=None):
@@ -172,60 +224,338 @@ def add_contrastive_loss(hidden, hidden_norm=True, temperature=1.0,
 
 
 # ---------------------------------------------------------------------------
-# Objective interface and registry.
+# Candidate columns and the loss with false negatives cancelled (FNC, IFND).
+# ---------------------------------------------------------------------------
+
+
+def own_image_mask(global_index, global_batch, num_views, num_columns):
+  """[b, C] bool: column c is a view of image i (c < V·B and c mod B = i)."""
+  columns = tf.range(num_columns)[tf.newaxis, :]
+  same = tf.equal(columns % global_batch, global_index[:, tf.newaxis])
+  return tf.logical_and(same, columns < num_views * global_batch)
+
+
+class Columns(NamedTuple):
+  """The candidate columns of one replica's anchors (`contrast_columns`)."""
+  candidates: tf.Tensor      # [C, d]: the batch's V·B views or keys (+ queue)
+  valid: Optional[tf.Tensor]  # [C] bool, False for unfilled queue rows
+  current_keys: Optional[tf.Tensor]  # [V·B, d] gathered keys (memory mode)
+  queries: tf.Tensor         # [V·b, d] local views that score candidates
+  index: tf.Tensor           # [b] global index of the local images
+  global_batch: tf.Tensor    # B
+  own_image: tf.Tensor       # [b, C] bool, the columns of the image itself
+
+
+def contrast_columns(views, num_views, keys=None, queue=None,
+                     queue_valid=None, replica_context=None):
+  """Gathers the columns every anchor is contrasted against.
+
+  In-batch (keys None): the V·B online views of the global batch, and the
+  local online views as queries. Memory mode: the V·B momentum keys of the
+  global batch followed by the K queued keys ([K, d], `queue_valid` [K]
+  bool marks the filled rows), and the local keys as queries. No gradient
+  flows into keys or queue.
+  """
+  local_images = tf.shape(views)[0] // num_views
+  index = global_row_indices(local_images, replica_context)
+  current_keys = None
+  valid = None
+  if keys is None:
+    candidates = gather_view_major(views, num_views, replica_context)
+    queries = views
+  else:
+    keys = tf.stop_gradient(tf.cast(keys, views.dtype))
+    current_keys = gather_view_major(keys, num_views, replica_context)
+    candidates = current_keys
+    queries = keys
+    if queue is not None:
+      queue = tf.stop_gradient(tf.cast(queue, views.dtype))
+      candidates = tf.concat([current_keys, queue], axis=0)
+      if queue_valid is not None:
+        valid = tf.concat([tf.ones([tf.shape(current_keys)[0]], tf.bool),
+                           tf.cast(queue_valid, tf.bool)], axis=0)
+  global_batch = tf.shape(current_keys if keys is not None
+                          else candidates)[0] // num_views
+  own_image = own_image_mask(index, global_batch, num_views,
+                             tf.shape(candidates)[0])
+  return Columns(candidates=candidates, valid=valid,
+                 current_keys=current_keys, queries=queries, index=index,
+                 global_batch=global_batch, own_image=own_image)
+
+
+def values_per_column(values, num_views, queue_values=None, queue=None,
+                      replica_context=None):
+  """[C] int32: a per-image value (id, label) of every column of
+  `contrast_columns`.
+
+  The local images' `values` [b] are gathered over replicas and tiled over
+  the V views (the V·B batch columns); in memory mode with a `queue` [K, d]
+  the queued columns follow with `queue_values` [K] (−1 when None).
+  """
+  values = tf.cast(values, tf.int32)
+  column = tf.tile(cross_replica_concat(values, replica_context),
+                   [num_views])
+  if queue is not None:
+    if queue_values is None:
+      queue_values = -tf.ones([tf.shape(queue)[0]], tf.int32)
+    column = tf.concat([column, tf.cast(queue_values, tf.int32)], axis=0)
+  return column
+
+
+def _masked_logsumexp(logits, keep):
+  return tf.reduce_logsumexp(
+      tf.where(keep, logits, tf.cast(-float('inf'), logits.dtype)), axis=1)
+
+
+def cancellation_loss(views, columns, num_views, temperature, fn_mask,
+                      strategy='attraction'):
+  """Per-anchor contrastive loss with false negatives F cancelled.
+
+  For anchor row r = a·b + k (view a of local image k; self = column
+  a·B + i, P = the other V − 1 columns of image i, F = fn_mask[k]):
+
+    attraction:  ℓ = −(1/(|P| + |F|)) Σ_{p∈P∪F} s_ap/τ
+                     + log Σ_{c ≠ self, c valid} exp(s_ac/τ)
+    elimination: ℓ = −(1/|P|) Σ_{p∈P} s_ap/τ
+                     + log Σ_{c ≠ self, c valid, c ∉ F} exp(s_ac/τ)
+
+  With V = 2 and F = ∅ both are NT-Xent's per-anchor term.
+
+  Args:
+    views: [V·b, d] online anchors, view-major.
+    columns: `contrast_columns(views, ...)`.
+    num_views: V.
+    temperature: τ.
+    fn_mask: [b, C] bool (no gradient), never true on own or invalid columns.
+    strategy: one of CANCELLATION_STRATEGIES.
+
+  Returns:
+    (per_anchor [V·b], logits [V·b, C], positives [V·b, C] bool,
+     contrast [V·b, C] bool: the columns of the denominator before
+     elimination, i.e. every valid column but self).
+  """
+  if strategy not in CANCELLATION_STRATEGIES:
+    raise ValueError(f'strategy must be one of {CANCELLATION_STRATEGIES}, '
+                     f'got {strategy!r}.')
+  local_images = tf.shape(views)[0] // num_views
+  num_columns = tf.shape(columns.candidates)[0]
+  logits = tf.matmul(views, columns.candidates, transpose_b=True) / temperature
+  view_of_row = tf.repeat(tf.range(num_views), local_images)
+  index_of_row = tf.tile(columns.index, [num_views])
+  own_rows = tf.tile(columns.own_image, [num_views, 1])
+  fn_rows = tf.tile(fn_mask, [num_views, 1])
+  not_self = tf.logical_not(tf.cast(tf.one_hot(
+      view_of_row * columns.global_batch + index_of_row, num_columns),
+                                    tf.bool))
+  positives = tf.logical_and(own_rows, not_self)
+  contrast = not_self
+  if columns.valid is not None:
+    contrast = tf.logical_and(contrast, columns.valid[tf.newaxis, :])
+  if strategy == 'attraction':
+    numerator = tf.logical_or(positives, fn_rows)
+    denominator = contrast
+  else:
+    numerator = positives
+    denominator = tf.logical_and(contrast, tf.logical_not(fn_rows))
+  numerator_size = tf.reduce_sum(tf.cast(numerator, logits.dtype), axis=1)
+  mean_positive = tf.reduce_sum(
+      tf.where(numerator, logits, tf.zeros_like(logits)),
+      axis=1) / numerator_size
+  per_anchor = -mean_positive + _masked_logsumexp(logits, denominator)
+  return per_anchor, logits, positives, contrast
+
+
+def cancellation_terms(views, columns, num_views, temperature, fn_masks,
+                       strategy='attraction'):
+  """The loss of one replica's anchors, averaged over masks, and metrics.
+
+    loss = (1/M) Σ_m 2·mean over the V·b anchors of ℓ(F_m)
+
+  with ℓ(F) the per-anchor `cancellation_loss` and fn_masks = [F_1..F_M]
+  ([b, C] bool each; M = 1 for one mask). The ×2 is NT-Xent's
+  normalisation: with V = 2 and F = ∅ the loss is `nt_xent_loss`.
+
+  Returns:
+    (loss, metrics): contrast_loss, and contrast_acc and contrast_entropy
+    (`cancellation_metrics`, which do not depend on the masks).
+  """
+  losses = []
+  for fn_mask in fn_masks:
+    per_anchor, logits, positives, contrast = cancellation_loss(
+        views, columns, num_views, temperature, fn_mask, strategy)
+    losses.append(2.0 * tf.reduce_mean(per_anchor))
+  loss = tf.add_n(losses) / len(losses)
+  return loss, {'contrast_loss': loss,
+                **cancellation_metrics(logits, positives, contrast)}
+
+
+def cancellation_metrics(logits, positives, contrast):
+  """contrast_acc (the best column, self excluded, is another view of the
+  anchor's image) and contrast_entropy (of the softmax over those columns).
+  """
+  contrast_logits = tf.where(contrast, logits,
+                             tf.cast(-float('inf'), logits.dtype))
+  best = tf.argmax(contrast_logits, axis=1, output_type=tf.int32)
+  hits = tf.gather(positives, best, axis=1, batch_dims=1)
+  prob = tf.nn.softmax(contrast_logits)
+  entropy = -tf.reduce_mean(
+      tf.reduce_sum(prob * tf.math.log(prob + 1e-8), axis=-1))
+  return {'contrast_acc': tf.reduce_mean(tf.cast(hits, tf.float32)),
+          'contrast_entropy': entropy}
+
+
+def false_negative_label_metrics(fn_mask, labels, column_labels):
+  """fn_true_per_anchor (false negatives sharing the image's true label,
+  per image) and fn_label_acc (their fraction of all false negatives of the
+  replica's batch; 0 when none)."""
+  labels = tf.cast(labels, tf.int32)
+  same_label = tf.equal(labels[:, tf.newaxis], column_labels[tf.newaxis, :])
+  true_count = tf.reduce_sum(
+      tf.cast(tf.logical_and(fn_mask, same_label), tf.float32), axis=1)
+  fn_count = tf.reduce_sum(tf.cast(fn_mask, tf.float32), axis=1)
+  return {'fn_true_per_anchor': tf.reduce_mean(true_count),
+          'fn_label_acc': tf.math.divide_no_nan(tf.reduce_sum(true_count),
+                                                tf.reduce_sum(fn_count))}
+
+
+# ---------------------------------------------------------------------------
+# Memory queue.
+# ---------------------------------------------------------------------------
+
+
+class MemoryQueue(tf.Module):
+  """FIFO of K keys, newest first, with their example ids and labels.
+
+  Variables (all checkpointed): keys [K, d], ids [K] and labels [K] (int32,
+  −1 = unfilled or unknown), count (number of filled rows, ≤ K). Rows
+  ≥ count were never written and must not be used (`valid()`).
+
+  `push(keys [n, d], ids, labels)` puts the n new rows first and drops the n
+  oldest; n ≤ K. Call it with the all-gathered (global) keys, on every
+  replica, so every copy holds the same queue.
+  """
+
+  # Batch key -> the variable that records it for the queued keys.
+  BATCH_VALUES = {'id': 'ids', 'label': 'labels'}
+
+  def __init__(self, size, dim, dtype=tf.float32, name='memory_queue'):
+    super().__init__(name=name)
+    if size < 1 or dim < 1:
+      raise ValueError(f'MemoryQueue needs size ≥ 1 and dim ≥ 1, got '
+                       f'{size} and {dim}.')
+    self.size = int(size)
+    self.dim = int(dim)
+    self.keys = replicated_state(tf.zeros([self.size, self.dim], dtype),
+                                 'keys')
+    self.ids = replicated_state(-tf.ones([self.size], tf.int32), 'ids')
+    self.labels = replicated_state(-tf.ones([self.size], tf.int32), 'labels')
+    self.count = replicated_state(tf.constant(0, tf.int32), 'count')
+
+  def valid(self):
+    """[K] bool: the rows written so far."""
+    return tf.range(self.size) < self.count
+
+  def values(self, batch_key):
+    """[K] what the queue records of batch[batch_key] ('id' or 'label')."""
+    return getattr(self, self.BATCH_VALUES[batch_key])
+
+  def push_batch(self, keys, batch, num_views):
+    """Enqueues the global batch's keys [V·B, d] (`Columns.current_keys`)
+    with the ids and labels of the local `batch`, gathered and tiled over
+    the V views to match."""
+    return self.push(keys, **{
+        name: values_per_column(batch[key], num_views)
+        for key, name in self.BATCH_VALUES.items() if key in batch})
+
+  def push(self, keys, ids=None, labels=None):
+    """Enqueues `keys` [n, d] (and their ids / labels [n]) at the front."""
+    num_new = keys.shape[0]
+    if num_new is not None and num_new > self.size:
+      raise ValueError(f'Cannot push {num_new} keys into a queue of '
+                       f'{self.size}.')
+    num_new = tf.shape(keys)[0]
+    keep = self.size - num_new
+    if ids is None:
+      ids = -tf.ones([num_new], tf.int32)
+    if labels is None:
+      labels = -tf.ones([num_new], tf.int32)
+    new_keys = tf.concat([tf.cast(tf.stop_gradient(keys), self.keys.dtype),
+                          self.keys[:keep]], axis=0)
+    new_ids = tf.concat([tf.cast(ids, tf.int32), self.ids[:keep]], axis=0)
+    new_labels = tf.concat([tf.cast(labels, tf.int32), self.labels[:keep]],
+                           axis=0)
+    return tf.group(
+        self.keys.assign(tf.ensure_shape(new_keys, self.keys.shape)),
+        self.ids.assign(tf.ensure_shape(new_ids, self.ids.shape)),
+        self.labels.assign(tf.ensure_shape(new_labels, self.labels.shape)),
+        self.count.assign(tf.minimum(self.count + num_new, self.size)))
+
+
+# ---------------------------------------------------------------------------
+# Objective interface.
 # ---------------------------------------------------------------------------
 
 
 class Objective(tf.Module):
-  """What `run.py` needs from a contrastive objective.
+  """What an experiment needs from a contrastive objective.
 
-  Subclasses set the class attributes and implement `loss`. Objectives with
-  state (queues, per-example averages, pseudo labels) create it in `build`
-  and return it from `checkpoint_items` so it is saved with the model.
+  The constructor's keyword arguments are the fields of the objective's
+  config dataclass (`from_config`). `loss` prepares the projections once
+  for every objective (float32 unless float64, l2-normalised when
+  `hidden_norm`; keys alike) and hands them to the subclass's `contrast`.
+  Objectives with state (queues, per-example averages, pseudo labels)
+  create it in `build` and return it from `checkpoint_items` so it is saved
+  with the model.
 
   Class attributes:
-    flag_names: names of the absl flags the constructor takes as keyword
-      arguments (run.py passes exactly these; the loss never reads flags).
-    needs_example_ids: batches must carry dense example ids in [0, N).
     metric_names: the keys of the metrics dict that `loss` returns.
-    uses_momentum_encoder: run.py builds a `model.MomentumEncoder` (EMA
-      twin of ResNet + projection head, decay `momentum_decay`) and the
-      trainer passes its projections of the batch to `loss` as `keys`.
+    uses_momentum_encoder: the experiment builds a `model.MomentumEncoder`
+      (EMA twin of ResNet + projection head, decay `momentum_decay`, read
+      only then) and the trainer passes its projections of the batch to
+      `loss` as `keys`.
+    momentum_decay: None here (no momentum encoder).
     default_randaugment: whether pretraining views get RandAugment when
       `--use_randaugment` is not given.
-    projection_dim: the width d of the projections; run.py sets it (from the
-      built model) before `build`, for objectives whose state stores
-      projections (memory queues).
   """
-  flag_names = ('temperature', 'hidden_norm')
-  needs_example_ids = False
   metric_names = ('contrast_loss', 'contrast_acc', 'contrast_entropy')
   uses_momentum_encoder = False
+  momentum_decay = None
   default_randaugment = False
-  projection_dim = None
 
   def __init__(self, temperature=0.1, hidden_norm=True, name=None):
     super().__init__(name=name)
     self.temperature = temperature
     self.hidden_norm = hidden_norm
 
+  @classmethod
+  def from_config(cls, config):
+    """The objective of a config dataclass (its fields are our arguments)."""
+    return cls(**dataclasses.asdict(config))
+
   @property
   def num_views(self):
     """Views per image in a pretraining batch."""
     return 2
 
-  @property
-  def momentum_decay(self):
-    """EMA decay d of the momentum encoder (None when there is none)."""
-    return None
-
   def validate(self, global_batch_size, num_train_examples):
-    """Raises ValueError naming the flags when a setting cannot work."""
-    del global_batch_size, num_train_examples
+    """Raises ValueError naming the flags when a setting cannot work
+    (every problem of `validation_errors`, one per line)."""
+    errors = self.validation_errors(global_batch_size, num_train_examples)
+    if errors:
+      raise ValueError('\n  '.join(errors))
 
-  def build(self, num_train_examples, global_batch_size):
-    """Creates the objective's state; called inside `strategy.scope()`."""
-    del num_train_examples, global_batch_size
+  def validation_errors(self, global_batch_size, num_train_examples):
+    """The messages of the settings that cannot work (none here)."""
+    del global_batch_size, num_train_examples
+    return []
+
+  def build(self, num_train_examples, global_batch_size, projection_dim):
+    """Creates the objective's state; called inside `strategy.scope()`.
+
+    projection_dim: the width d of the projections (for state that stores
+    them, such as memory queues).
+    """
+    del num_train_examples, global_batch_size, projection_dim
 
   def checkpoint_items(self):
     """Trackables to save in every checkpoint (name -> trackable)."""
@@ -233,7 +563,7 @@ class Objective(tf.Module):
 
   def action_period_steps(self, steps_per_epoch):
     """Steps between the objective's host-side train actions (0 = none);
-    run.py makes steps_per_loop divide it."""
+    steps_per_loop is made to divide it."""
     del steps_per_epoch
     return 0
 
@@ -251,7 +581,7 @@ class Objective(tf.Module):
     Args:
       projections: [V·b, d] projection-head outputs, view-major (row v·b + k
         is view v of local image k).
-      batch: the input dict ('label' [b], 'id' [b] when needed).
+      batch: the input dict ('label' [b], 'id' [b]).
       keys: [V·b, d] the momentum encoder's projections of the same batch
         (same layout, no gradient); given only when uses_momentum_encoder.
 
@@ -259,19 +589,134 @@ class Objective(tf.Module):
       (loss, metrics): the replica's loss (not yet divided by the number of
       replicas) and a dict of scalar metrics.
     """
+    dtype = tf.float64 if projections.dtype == tf.float64 else tf.float32
+    views = self._prepare(projections, dtype)
+    if keys is not None:
+      keys = self._prepare(keys, dtype)
+    return self.contrast(views, batch, keys)
+
+  def _prepare(self, rows, dtype):
+    """`rows` cast to `dtype`, l2-normalised when hidden_norm."""
+    rows = tf.cast(rows, dtype)
+    if self.hidden_norm:
+      rows = tf.math.l2_normalize(rows, -1)
+    return rows
+
+  def contrast(self, views, batch, keys):
+    """The loss of `loss`, from the prepared views [V·b, d] (and keys, or
+    None); returns (loss, metrics)."""
+    raise NotImplementedError
+
+
+class MemoryObjective(Objective):
+  """An objective with an optional memory mode (FNC, IFND).
+
+  memory_multiplier > 0: a momentum encoder (EMA decay momentum_decay) and a
+  `MemoryQueue` of memory_multiplier·B keys, built in `build` and saved as
+  `queue_name`; 0: in-batch negatives.
+
+  `contrast` gathers the columns (`contrast_columns`: in-batch views, or the
+  keys followed by the queue), calls the subclass's
+  `loss_on_columns(views, columns, batch)` and then, in memory mode, pushes
+  the current keys into the queue.
+  """
+  queue_name = 'memory_queue'
+
+  def __init__(self, temperature=0.1, hidden_norm=True, memory_multiplier=0,
+               momentum_decay=0.999, name=None):
+    super().__init__(temperature=temperature, hidden_norm=hidden_norm,
+                     name=name)
+    self.memory_multiplier = memory_multiplier
+    self.momentum_decay = momentum_decay
+    self.queue = None
+
+  @property
+  def uses_momentum_encoder(self):
+    return self.memory_multiplier > 0
+
+  def describe_num_views(self):
+    """How V is set, for error messages."""
+    return str(self.num_views)
+
+  def validation_errors(self, global_batch_size, num_train_examples):
+    errors = super().validation_errors(global_batch_size, num_train_examples)
+    multiplier, views = self.memory_multiplier, self.num_views
+    if multiplier < 0:
+      errors.append(f'--memory_multiplier={multiplier} must be ≥ 0 (0 = '
+                    'in-batch mode, no queue).')
+    elif 0 < multiplier < views:
+      errors.append(
+          f'--memory_multiplier={multiplier}: the queue holds '
+          f'{multiplier}·B = {multiplier * global_batch_size} keys, fewer '
+          f'than one batch of keys (V·B = {self.describe_num_views()}·'
+          f'{global_batch_size} = {views * global_batch_size}); use '
+          f'--memory_multiplier ≥ {views}, or 0 for in-batch mode.')
+    if not 0.0 <= self.momentum_decay <= 1.0:
+      errors.append(f'--moving_average_decay={self.momentum_decay} must be '
+                    'in [0, 1].')
+    return errors
+
+  def build(self, num_train_examples, global_batch_size, projection_dim):
+    del num_train_examples
+    if self.uses_momentum_encoder:
+      if not projection_dim:
+        raise ValueError(f'{type(self).__name__} memory mode needs '
+                         'projection_dim (the width of the projections), got '
+                         f'{projection_dim!r}.')
+      self.queue = MemoryQueue(self.memory_multiplier * global_batch_size,
+                               projection_dim, name=self.queue_name)
+
+  def checkpoint_items(self):
+    return {} if self.queue is None else {self.queue_name: self.queue}
+
+  def contrast(self, views, batch, keys):
+    if not self.uses_momentum_encoder:
+      return self.loss_on_columns(
+          views, contrast_columns(views, self.num_views), batch)
+    if keys is None:
+      raise ValueError(f'{type(self).__name__} memory mode (memory_multiplier'
+                       ' > 0) needs the momentum encoder projections as '
+                       '`keys`.')
+    if self.queue is None:
+      raise ValueError(f'{type(self).__name__}.build(...) must be called '
+                       'before loss() in memory mode.')
+    columns = contrast_columns(views, self.num_views, keys, self.queue.keys,
+                               self.queue.valid())
+    loss, metrics = self.loss_on_columns(views, columns, batch)
+    self.queue.push_batch(columns.current_keys, batch, self.num_views)
+    return loss, metrics
+
+  def batch_values_per_column(self, batch, key):
+    """`values_per_column` of batch[key] ('id' or 'label') for this step's
+    columns, the queued columns' values from the queue; None when the batch
+    has no such key."""
+    if key not in batch:
+      return None
+    if self.queue is None:
+      return values_per_column(batch[key], self.num_views)
+    return values_per_column(batch[key], self.num_views,
+                             self.queue.values(key), self.queue.keys)
+
+  def loss_on_columns(self, views, columns, batch):
+    """(loss, metrics) of the prepared views against `columns`."""
     raise NotImplementedError
 
 
 class TrainContext(NamedTuple):
-  """What run.py hands to `Objective.train_actions`."""
+  """What the experiment hands to `Objective.train_actions`."""
   strategy: tf.distribute.Strategy
   global_step: tf.Variable
   train_steps: int
   steps_per_epoch: int
   key_encoder: Callable  # images [b, H, W, 3] -> projections, inference mode
-  train_pass_dataset_fn: Callable  # () -> distributed one-pass dataset of
-  #   the training split, eval preprocessing, padding rows with id -1
+  train_pass: Callable  # () -> distributed one-pass dataset of the training
+  #   split, eval preprocessing, padding rows with id -1
   model_dir: str
+
+
+# ---------------------------------------------------------------------------
+# Registry.
+# ---------------------------------------------------------------------------
 
 
 _REGISTRY = {}
@@ -304,11 +749,9 @@ def get_objective_class(name):
 class SimCLR(Objective):
   """NT-Xent over the global batch (Chen et al. 2020)."""
 
-  def loss(self, projections, batch, keys=None):
+  def contrast(self, views, batch, keys):
     del batch, keys
-    if self.hidden_norm:
-      projections = tf.math.l2_normalize(projections, -1)
-    z1, z2 = split_views(projections, 2)
+    z1, z2 = split_views(views, 2)
     loss, logits_ab, _ = nt_xent_loss(z1, z2, self.temperature)
     positive = global_row_indices(tf.shape(z1)[0])
     metrics = contrastive_metrics(logits_ab, positive)

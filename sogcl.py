@@ -29,9 +29,10 @@ Decisions (see also the README):
   u_a = γ·g_a and the negative weights are 1/γ times the batch softmax
   weights for that step. This is what the paper's TF and PyTorch code do
   and what SPEC §8 says; no special case.
-* Store 'sum' (paper code, default): u[i] ← u_a + u_b. Per view the fixed
-  point is u* = γ/(2γ − 1)·g, which diverges for γ ≤ 0.5 (rejected at
-  start-up). 'mean' (later PyTorch / LibAUC): u[i] ← (u_a + u_b)/2 → g.
+* Store (`u_store`, --dcl_u_store) 'sum' (paper code, default):
+  u[i] ← u_a + u_b. Per view the fixed point is u* = γ/(2γ − 1)·g, which
+  diverges for γ ≤ 0.5 (rejected at start-up). 'mean' (later PyTorch /
+  LibAUC): u[i] ← (u_a + u_b)/2 → g.
 * An id can appear twice in one global batch when the batch straddles an
   epoch boundary (the input pipeline repeats before batching). Both rows
   read the same stored u[i]; the stored value is the mean of their new
@@ -187,6 +188,10 @@ def update_u(u, ids, values, replica_context=None):
 class SogCLR(objective.Objective):
   """SogCLR / dynamic contrastive loss with a per-example moving average u.
 
+  gamma: γ, the weight of the current batch in u; u_store: what is written
+  back to u[i], 'sum' (u_a + u_b, the paper's code) or 'mean'
+  (`stored_u`). The loss reads batch['id'] (dense example ids in [0, N)).
+
   Metrics: contrast_loss (the surrogate, what is minimised),
   dcl_objective (the true global-objective estimate −s_pos + τ·log g,
   summed over both views like contrast_loss), dcl_u_mean / dcl_g_mean
@@ -194,27 +199,25 @@ class SogCLR(objective.Objective):
   to γ/(2γ−1), under 'mean' to 1), contrast_acc and contrast_entropy as
   for SimCLR.
   """
-  flag_names = ('temperature', 'hidden_norm', 'gamma', 'dcl_u_store')
-  needs_example_ids = True
   metric_names = ('contrast_loss', 'contrast_acc', 'contrast_entropy',
                   'dcl_objective', 'dcl_u_mean', 'dcl_g_mean')
 
   def __init__(self, temperature=0.1, hidden_norm=True, gamma=0.99,
-               dcl_u_store='sum', name=None):
+               u_store='sum', name=None):
     super().__init__(temperature=temperature, hidden_norm=hidden_norm,
                      name=name)
     self.gamma = gamma
-    self.dcl_u_store = dcl_u_store
+    self.u_store = u_store
     self.u = None
 
-  def validate(self, global_batch_size, num_train_examples):
+  def validation_errors(self, global_batch_size, num_train_examples):
     errors = []
     if not 0.0 < self.gamma <= 1.0:
       errors.append(f'--gamma={self.gamma} must be in (0, 1] for SogCLR.')
-    if self.dcl_u_store not in STORE_MODES:
-      errors.append(f'--dcl_u_store={self.dcl_u_store!r} must be one of '
+    if self.u_store not in STORE_MODES:
+      errors.append(f'--dcl_u_store={self.u_store!r} must be one of '
                     f'{", ".join(STORE_MODES)}.')
-    elif self.dcl_u_store == 'sum' and self.gamma <= 0.5:
+    elif self.u_store == 'sum' and self.gamma <= 0.5:
       errors.append(
           f'--dcl_u_store=sum with --gamma={self.gamma}: the stored sum '
           'u_a + u_b grows without bound for gamma <= 0.5 (per-view fixed '
@@ -227,32 +230,27 @@ class SogCLR(objective.Objective):
       errors.append(f'--train_batch_size={global_batch_size} exceeds the '
                     f'{num_train_examples} training examples; SogCLR keeps '
                     'one u per example and needs B <= N.')
-    if errors:
-      raise ValueError('\n  '.join(errors))
+    return errors
 
-  def build(self, num_train_examples, global_batch_size):
-    del global_batch_size
+  def build(self, num_train_examples, global_batch_size, projection_dim):
+    del global_batch_size, projection_dim
     self.u = objective.replicated_state(
         tf.zeros([num_train_examples], tf.float32), 'sogclr_u')
 
   def checkpoint_items(self):
     return {} if self.u is None else {'sogclr_u': self.u}
 
-  def loss(self, projections, batch, keys=None):
+  def contrast(self, views, batch, keys):
     del keys  # SogCLR has no momentum encoder.
     if self.u is None:
       raise ValueError('SogCLR.build(num_train_examples, ...) must be called '
                        'before loss().')
-    if projections.dtype != tf.float64:
-      projections = tf.cast(projections, tf.float32)
-    if self.hidden_norm:
-      projections = tf.math.l2_normalize(projections, -1)
-    z1, z2 = objective.split_views(projections, 2)
+    z1, z2 = objective.split_views(views, 2)
     ids = tf.cast(batch['id'], tf.int32)
     u_prev = tf.gather(self.u, ids)
     result = dynamic_contrastive_loss(z1, z2, u_prev, self.temperature,
                                       self.gamma)
-    update_u(self.u, ids, stored_u(result.u_a, result.u_b, self.dcl_u_store))
+    update_u(self.u, ids, stored_u(result.u_a, result.u_b, self.u_store))
     positive = objective.global_row_indices(tf.shape(z1)[0])
     metrics = objective.contrastive_metrics(result.logits_ab, positive)
     metrics.update({

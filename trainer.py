@@ -7,9 +7,6 @@ explicit weight-decay term; the sum is divided by the number of replicas
 because gradients are summed across replicas (SPEC §4).
 """
 
-import time
-
-from absl import logging
 import orbit
 import tensorflow as tf
 import tf_keras
@@ -117,7 +114,7 @@ class Trainer(orbit.StandardTrainer):
 class Evaluator(orbit.StandardEvaluator):
   """Top-1 / top-5 accuracy of the supervised head on the eval split.
 
-  Rows with id < 0 (the padding of `data.build_pass_input_fn`, which gives
+  Rows with id < 0 (the padding of `features.build_pass_input_fn`, which gives
   every replica whole batches) are not counted.
   """
 
@@ -150,7 +147,7 @@ class Evaluator(orbit.StandardEvaluator):
 
     def step_fn(batch):
       _, logits = self.model(batch['image'], training=False)
-      # Padding rows (id < 0, `data.build_pass_input_fn`) weigh nothing.
+      # Padding rows (id < 0, `features.build_pass_input_fn`) weigh nothing.
       weight = tf.ones_like(batch['label'], tf.float32)
       if 'id' in batch:
         weight = tf.cast(batch['id'] >= 0, tf.float32)
@@ -166,50 +163,3 @@ class Evaluator(orbit.StandardEvaluator):
 
   def eval_end(self):
     return {m.name: m.result() for m in self._all_metrics()}
-
-
-class ProgressLogger:
-  """Orbit train action: one line per host loop with speed and ETA."""
-
-  def __init__(self, global_step, total_steps, global_batch_size):
-    self.global_step = global_step
-    self.total_steps = total_steps
-    self.global_batch_size = global_batch_size
-    self._last_time = None
-    self._last_step = None
-
-  def start(self):
-    self._last_time = time.time()
-    self._last_step = int(self.global_step.numpy())
-
-  def __call__(self, outputs):
-    step = int(self.global_step.numpy())
-    now = time.time()
-    if self._last_time is None:
-      self._last_time, self._last_step = now, step
-      return
-    elapsed = max(now - self._last_time, 1e-9)
-    steps_per_sec = (step - self._last_step) / elapsed
-    images_per_sec = steps_per_sec * self.global_batch_size
-    remaining = self.total_steps - step
-    eta = remaining / steps_per_sec if steps_per_sec > 0 else float('inf')
-    loss = outputs.get('train/loss') if outputs else None
-    loss_text = f' | loss {float(loss):.4f}' if loss is not None else ''
-    logging.info('step %d/%d%s | %.2f steps/s | %.1f images/s | ETA %s',
-                 step, self.total_steps, loss_text, steps_per_sec,
-                 images_per_sec, format_duration(eta))
-    self._last_time, self._last_step = now, step
-
-
-def format_duration(seconds):
-  """'1h02m03s' style duration; '?' when unknown."""
-  if seconds != seconds or seconds == float('inf'):
-    return '?'
-  seconds = int(round(seconds))
-  hours, rest = divmod(seconds, 3600)
-  minutes, secs = divmod(rest, 60)
-  if hours:
-    return f'{hours}h{minutes:02d}m{secs:02d}s'
-  if minutes:
-    return f'{minutes}m{secs:02d}s'
-  return f'{secs}s'

@@ -129,14 +129,13 @@ def main():
   encoder.copy_from(model)
   optimizer = lars_optimizer.build_optimizer('lars', 0.1, weight_decay=1e-6)
 
-  fnc_args = dict(temperature=0.1, support_size=args.support_size,
-                  projection_dim=128)
+  fnc_args = dict(temperature=0.1, support_size=args.support_size)
   in_batch = fnc.FNC(memory_multiplier=0, **fnc_args)
-  views_only = fnc.FNC(memory_multiplier=0, fn_topk=0, **fnc_args)
+  views_only = fnc.FNC(memory_multiplier=0, topk=0, **fnc_args)
   memory = fnc.FNC(memory_multiplier=args.memory_multiplier, **fnc_args)
   for objective in (in_batch, views_only, memory):
     objective.validate(batch, 50_000)
-    objective.build(50_000, batch)
+    objective.build(50_000, batch, projection_dim=128)
 
   steps = {
       'simclr': (make_step(model, optimizer, obj_lib.SimCLR(0.1)), 2),

@@ -14,7 +14,7 @@ r"""IFND: the cost of one pseudo-label re-assignment, and k-means at scale.
    every `ifnd_reassign_epochs` epochs adds: ratio / reassign_epochs.
 2. k-means on a synthetic ImageNet-1K-sized set (`--kmeans_n` × 128,
    l2-normalised mixture of 1000 Gaussians), k = `--kmeans_k`, with
-   `ifnd.kmeans` (scikit-learn, what the framework uses) and, when the
+   `clustering.kmeans` (scikit-learn, what the framework uses) and, when the
    package is installed, faiss-cpu with the same number of iterations
    (`pip install faiss-cpu`; not a dependency of the framework).
 
@@ -54,11 +54,11 @@ def parse_args(argv):
 
 def reassignment_cost(dataset, args):
   """Epoch time (projected from timed steps) and re-assignment time."""
-  from absl import flags
   import tensorflow as tf
+  import config
+  import experiment as experiment_lib
   import ifnd
   import run
-  FLAGS = flags.FLAGS  # pylint: disable=invalid-name
   image_size = 16 if dataset == 'digits' else 32
   settings = {
       'dataset': dataset, 'train_split': 'train', 'objective': 'ifnd',
@@ -70,19 +70,19 @@ def reassignment_cost(dataset, args):
       'ifnd_acceptance': 'constant', 'ifnd_acceptance_rate': 1.0,
       'ifnd_reassign_epochs': 20, 'seed': 0,
   }
-  FLAGS.unparse_flags()
-  FLAGS(['run.py'] + [f'--{k}={v}' for k, v in settings.items()])
+  cfg = config.from_argv([f'--{k}={v}' for k, v in settings.items()])
   if tf.io.gfile.exists(settings['model_dir']):
     tf.io.gfile.rmtree(settings['model_dir'])
-  experiment = run.Experiment(run.build_strategy())
+  experiment = experiment_lib.Experiment(
+      cfg, run.build_strategy(cfg.distribution))
   trainer = experiment.controller(True, False).trainer
-  reassigner = next(a for a in experiment.train_actions
+  reassigner = next(a for a in experiment.actions
                     if isinstance(a, ifnd.Reassigner))
   trainer.train(tf.constant(2))  # tracing and warm-up
   start = time.time()
   trainer.train(tf.constant(args.steps))
   step_seconds = (time.time() - start) / args.steps
-  epoch_seconds = step_seconds * experiment.epoch_steps
+  epoch_seconds = step_seconds * experiment.steps.epoch_steps
   runs = []
   for _ in range(2):
     record = reassigner.reassign(int(experiment.global_step.numpy()))
@@ -90,9 +90,9 @@ def reassignment_cost(dataset, args):
   steady = runs[1]
   return {
       'dataset': 'digits' if dataset == 'digits' else 'cifar10',
-      'num_examples': experiment.num_train_examples,
+      'num_examples': experiment.data.num_train_examples,
       'image_size': image_size,
-      'steps_per_epoch': experiment.epoch_steps,
+      'steps_per_epoch': experiment.steps.epoch_steps,
       'step_seconds': round(step_seconds, 4),
       'epoch_seconds': round(epoch_seconds, 2),
       'reassign_seconds_first': runs[0]['seconds'],
@@ -114,13 +114,13 @@ def synthetic(n, d=128, centres=1000, seed=0):
 
 
 def kmeans_at_scale(args):
-  import ifnd
+  import clustering
   x = synthetic(args.kmeans_n)
   rows = []
   start = time.time()
-  _, assignments = ifnd.kmeans(x, args.kmeans_k, seed=0,
-                               max_iter=args.kmeans_iters)
-  rows.append({'library': 'scikit-learn (ifnd.kmeans)',
+  _, assignments = clustering.kmeans(x, args.kmeans_k, seed=0,
+                                     max_iter=args.kmeans_iters)
+  rows.append({'library': 'scikit-learn (clustering.kmeans)',
                'seconds': round(time.time() - start, 1),
                'clusters_used': int(len(np.unique(assignments)))})
   try:

@@ -26,8 +26,9 @@ Writes quality.json, quality.md (the table) and quality.png (kNN accuracy
 against epoch, one line per objective: the monitor's points and the final
 encoder's; the floors dashed) to --output_dir (default benchmarks/results/).
 With --workdir the runs are kept there (<workdir>/<objective>/ holds the
-checkpoints, knn_monitor.json and TensorBoard files; the subset list is
-<workdir>/train_subset.txt).
+checkpoints, knn_monitor.json, feature_eval.json and TensorBoard files;
+<workdir>/random/ and <workdir>/pixels/ the floors' feature_eval.json; the
+subset list is <workdir>/train_subset.txt).
 """
 
 import argparse
@@ -142,10 +143,10 @@ def parse_extra_flags(text):
 def pretrain(objective, args, dataset, model_dir, subset_path, extra,
              num_train):
   """Pretrains with `objective` in this process; returns its run record."""
-  from absl import flags
+  import tensorflow as tf
   import tf_keras
+  import config
   import run
-  FLAGS = flags.FLAGS  # pylint: disable=invalid-name
   settings = {
       'dataset': dataset, 'data_dir': args.data_dir,
       'eval_split': args.eval_split, 'train_split': 'train',
@@ -166,58 +167,54 @@ def pretrain(objective, args, dataset, model_dir, subset_path, extra,
       'knn_temperature': args.knn_temperature, 'seed': args.seed,
   }
   specific = {**OBJECTIVE_FLAGS.get(objective, {}), **extra.get(objective, {})}
-  settings.update({k: v for k, v in specific.items() if k in FLAGS})
-  argv = ['run.py'] + [f'--{k}={v}' for k, v in settings.items()
-                       if v is not None]
-  FLAGS.unparse_flags()
-  FLAGS(argv)
+  known = config.new_flag_values()
+  settings.update({k: v for k, v in specific.items() if k in known})
+  argv = [f'--{k}={v}' for k, v in settings.items() if v is not None]
   tf_keras.utils.set_random_seed(args.seed)
   start = time.time()
-  run.run()
+  run.run(config.from_argv(argv))
   seconds = time.time() - start
   history = []
   if os.path.exists(os.path.join(model_dir, 'knn_monitor.json')):
     with open(os.path.join(model_dir, 'knn_monitor.json')) as f:
       history = json.load(f)
-  import tensorflow as tf
   final_step = int(tf.train.latest_checkpoint(model_dir).rsplit('-', 1)[1])
   epoch_steps = max(1, int(round(num_train / args.batch_size)))  # as run.py
   return {'seconds': round(seconds, 1), 'knn_history': history,
           'final_step': final_step, 'final_epoch': final_step / epoch_steps,
           'flags': {k: v for k, v in settings.items() if k in specific},
-          'command': ' '.join(argv[1:])}
+          'command': ' '.join(argv)}
 
 
-def evaluate_encoder(kind, args, source, model_dir=None):
-  """kNN and linear results for 'checkpoint' (model_dir), 'random', 'pixels'."""
+def evaluate_encoder(kind, args, dataset, subset_path, output_dir,
+                     model_dir=None):
+  """kNN and linear results (evaluate.py's `evaluate_features`, which also
+  writes output_dir/feature_eval.json) for 'checkpoint' (model_dir),
+  'random' or 'pixels'."""
   import numpy as np
-  import tf_keras
+  import config
   import evaluate
-  if kind == 'pixels':
-    encode = evaluate.pixel_encoder
-  else:
-    tf_keras.utils.set_random_seed(args.seed)
-    model = evaluate.build_encoder_model(
-        0, resnet_depth=args.resnet_depth, width_multiplier=args.width,
-        cifar_stem=args.image_size <= 32, image_size=args.image_size)
-    if kind == 'checkpoint':
-      evaluate.restore_encoder(model, model_dir, 0)
-    encode = evaluate.model_encoder(model, 0)
-
-  def features(split):
-    return evaluate.extract_features(encode, evaluate.feature_dataset(
-        source, split, 256, args.image_size))
-  train_x, train_y, _ = features('train')
-  test_x, test_y, _ = features(args.eval_split)
-  knn = evaluate.knn_eval(train_x, train_y, test_x, test_y, args.knn_k,
-                          args.knn_temperature, source.num_classes)
-  grid = [float(v) for v in np.logspace(-6, 5, args.linear_grid_size)]
-  linear = evaluate.logistic_regression_eval(
-      train_x, train_y, test_x, test_y, grid=grid, seed=args.seed,
-      max_iter=args.linear_max_iter)
-  for result in (knn, linear):
-    result.pop('protocol')
-  return {'knn': knn, 'linear': linear, 'feature_dim': int(train_x.shape[1])}
+  result = evaluate.evaluate_features(
+      config.DataConfig(dataset=dataset, data_dir=args.data_dir,
+                        train_split='train', eval_split=args.eval_split,
+                        train_subset=subset_path, image_size=args.image_size,
+                        eval_batch_size=256),
+      config.ModelConfig(resnet_depth=args.resnet_depth,
+                         width_multiplier=args.width),
+      config.EvalConfig(knn_k=args.knn_k,
+                        knn_temperature=args.knn_temperature),
+      config.FeatureEvalConfig(
+          feature_layer=evaluate.PIXELS if kind == 'pixels' else '0',
+          protocols=('knn', 'linear'),
+          linear_l2_grid=tuple(float(v) for v in np.logspace(
+              -6, 5, args.linear_grid_size)),
+          linear_max_iter=args.linear_max_iter, output_dir=output_dir),
+      checkpoint=model_dir if kind == 'checkpoint' else None,
+      seed=args.seed)
+  for protocol in ('knn', 'linear'):
+    result[protocol].pop('protocol')
+  return {'knn': result['knn'], 'linear': result['linear'],
+          'feature_dim': result['feature_dim']}
 
 
 def markdown_table(results, args, dataset_note):
@@ -279,7 +276,7 @@ def main(argv=None):
     return None
   import data as data_lib
   import objective as obj_lib
-  import run  # noqa: F401  (registers the objectives and flags)
+  import run  # noqa: F401  (registers the objectives)
   from imagenet_subsets import subsets
 
   total_start = time.time()
@@ -316,7 +313,8 @@ def main(argv=None):
     model_dir = os.path.join(workdir, objective)
     row = pretrain(objective, args, dataset, model_dir, subset_path, extra,
                    source.num_examples('train'))
-    row.update(evaluate_encoder('checkpoint', args, source, model_dir))
+    row.update(evaluate_encoder('checkpoint', args, dataset, subset_path,
+                                model_dir, model_dir))
     notes = (['in-batch'] if objective == 'fnc' else []) + [
         f'{k}={v}' for k, v in extra.get(objective, {}).items()]
     name = f'{objective} ({", ".join(notes)})' if notes else objective
@@ -324,7 +322,8 @@ def main(argv=None):
     print(f'{name}: kNN {row["knn"]["top_1"]:.4f}, linear '
           f'{row["linear"]["top_1"]:.4f}, {row["seconds"]:.0f} s', flush=True)
   for kind, name in (('random', 'random encoder'), ('pixels', 'raw pixels')):
-    results['rows'][name] = evaluate_encoder(kind, args, source)
+    results['rows'][name] = evaluate_encoder(
+        kind, args, dataset, subset_path, os.path.join(workdir, kind))
     print(f'{name}: kNN {results["rows"][name]["knn"]["top_1"]:.4f}, linear '
           f'{results["rows"][name]["linear"]["top_1"]:.4f}', flush=True)
   results['wall_seconds'] = round(time.time() - total_start, 1)

@@ -47,7 +47,7 @@ def make_objectives(num_examples, batch_size):
   simclr = obj_lib.SimCLR(temperature=0.1)
   sog = sogcl.SogCLR(temperature=0.1, gamma=0.9)
   sog.validate(batch_size, num_examples)
-  sog.build(num_examples, batch_size)
+  sog.build(num_examples, batch_size, projection_dim=128)
   return {'simclr': simclr, 'sogclr': sog}
 
 

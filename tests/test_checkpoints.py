@@ -34,7 +34,7 @@ def saved(model, tmp_path, seed=1):
 
 def values_by_prefix(model):
   out = {}
-  for name, variable in checkpoints.variable_paths(model).items():
+  for name, variable in model_lib.variable_paths(model).items():
     out[name] = variable.numpy().copy()
   return out
 

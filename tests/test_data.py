@@ -264,7 +264,7 @@ def test_distributed_eval_two_replicas(digits_source):
   strategy = two_replica_strategy()
   fn = data.build_input_fn(digits_source, 'test', 64, is_training=False,
                            image_size=32)
-  dist = data.distribute(strategy, fn)
+  dist = strategy.distribute_datasets_from_function(fn)
   ids = []
   for batch in dist:
     for local in strategy.experimental_local_results(batch['id']):

@@ -1,32 +1,25 @@
-"""Tests for evaluate.py: kNN and logistic-regression protocols, feature
-extraction, the online kNN monitor, pictures, and benchmarks/quality.py."""
+"""Tests for evaluate.py: kNN and logistic-regression protocols, the online
+kNN monitor, offline evaluation (library and command line), and
+benchmarks/quality.py."""
 
+import dataclasses
 import json
 import os
+import subprocess
 import sys
 
-from absl import flags
 import numpy as np
 import pytest
 import tensorflow as tf
 
-import checkpoints
-import data as data_lib
+import config
 import evaluate
-import run
-from conftest import two_replica_strategy
 
-FLAGS = flags.FLAGS
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ARCH = dict(resnet_depth=18, width_multiplier=0.125, cifar_stem=True,
-            proj_out_dim=16)
-TINY_RUN = {
-    'dataset': 'digits', 'eval_split': 'test', 'image_size': 16,
-    'resnet_depth': 18, 'width_multiplier': 0.125, 'proj_out_dim': 16,
-    'train_batch_size': 128, 'eval_batch_size': 256, 'warmup_epochs': 0,
-    'learning_rate': 0.5, 'use_blur': False, 'train_summary_steps': 0,
-    'mode': 'train', 'seed': 0,
-}
+TINY_DATA = config.DataConfig(dataset='digits', eval_split='test',
+                              image_size=16, eval_batch_size=256)
+TINY_MODEL = config.ModelConfig(resnet_depth=18, width_multiplier=0.125,
+                                proj_out_dim=16)
 
 
 def blobs(num_classes, per_class, dim=16, spread=0.05, seed=0):
@@ -36,12 +29,6 @@ def blobs(num_classes, per_class, dim=16, spread=0.05, seed=0):
   labels = np.repeat(np.arange(num_classes), per_class)
   x = centres[labels] + spread * rng.normal(size=(len(labels), dim))
   return x.astype(np.float32), labels
-
-
-def set_run_flags(**overrides):
-  FLAGS.unparse_flags()
-  FLAGS(['run.py'] + [f'--{k}={v}' for k, v in {**TINY_RUN,
-                                                 **overrides}.items()])
 
 
 # ------------------------------------------------------------------ kNN
@@ -131,58 +118,6 @@ def test_logistic_fit_minimises_mean_ce_plus_half_l2_norm():
   assert np.abs(grad_b).max() < 1e-4
 
 
-# ------------------------------------------------------ feature extraction
-
-
-def test_features_from_checkpoint_and_saved_model_agree(tmp_path):
-  source = data_lib.get_data_source('digits')
-  source = source.subset('test', np.arange(0, 360, 9))  # 40 examples
-  model = evaluate.build_encoder_model(0, image_size=16, **ARCH)
-  prefix = tf.train.Checkpoint(model=model).write(str(tmp_path / 'ckpt-1'))
-  exported = checkpoints.export_saved_model(model, str(tmp_path), 1, 1)
-
-  other = evaluate.build_encoder_model(-1, image_size=16, **ARCH)
-  evaluate.restore_encoder(other, prefix, layer=-1)
-  dataset = evaluate.feature_dataset(source, 'test', 16, 16)
-  from_ckpt, labels, ids = evaluate.extract_features(
-      evaluate.model_encoder(other, 0), dataset)
-  from_saved, labels2, _ = evaluate.extract_features(
-      evaluate.saved_model_encoder(exported), dataset)
-  np.testing.assert_array_equal(ids, np.arange(40))
-  np.testing.assert_array_equal(labels, source.example_labels('test'))
-  np.testing.assert_array_equal(labels, labels2)
-  assert from_ckpt.shape == (40, model.base_model(tf.zeros([1, 16, 16, 3]))
-                             .shape[-1])
-  np.testing.assert_allclose(from_ckpt, from_saved, rtol=1e-5, atol=1e-5)
-  proj_ckpt, _, _ = evaluate.extract_features(
-      evaluate.model_encoder(other, -1), dataset)
-  proj_saved, _, _ = evaluate.extract_features(
-      evaluate.saved_model_encoder(exported, 'projection'), dataset)
-  assert proj_ckpt.shape == (40, 16)
-  np.testing.assert_allclose(proj_ckpt, proj_saved, rtol=1e-5, atol=1e-5)
-  pixels, _, _ = evaluate.extract_features(evaluate.pixel_encoder, dataset)
-  images = source.arrays('test')[0]
-  np.testing.assert_allclose(
-      pixels, np.clip(tf.image.resize(images / 255.0, [16, 16],
-                                      method='bicubic').numpy(), 0, 1)
-      .reshape(40, -1), atol=1e-5)
-
-
-def test_restore_encoder_names_a_missing_projection_layer(tmp_path):
-  """A fine-tuned checkpoint keeps the head only up to ft_proj_selector."""
-  import model as model_lib
-  finetuned = model_lib.Model(10, train_mode='finetune', ft_proj_selector=1,
-                              **ARCH)
-  finetuned(tf.zeros([1, 16, 16, 3]))
-  prefix = tf.train.Checkpoint(model=finetuned).write(str(tmp_path / 'ft'))
-  evaluate.restore_encoder(
-      evaluate.build_encoder_model(1, image_size=16, **ARCH), prefix, 1)
-  with pytest.raises(checkpoints.CheckpointMismatchError,
-                     match='no projection layer 2'):
-    evaluate.restore_encoder(
-        evaluate.build_encoder_model(2, image_size=16, **ARCH), prefix, 2)
-
-
 # ------------------------------------------------------- online kNN monitor
 
 
@@ -229,16 +164,18 @@ def test_knn_monitor_runs_every_epoch_and_logs(quality_run):
 
 def test_knn_monitor_matches_offline_evaluation_of_the_checkpoint(
     quality_run, tmp_path):
-  """evaluate.py's CLI path on ckpt-4 reproduces the monitor's number."""
+  """evaluate.py's library path on ckpt-4 reproduces the monitor's number."""
   runs = quality_run[0] / 'runs'
   with open(runs / 'simclr' / 'knn_monitor.json') as f:
     monitored = json.load(f)[0]
-  evaluate.define_flags()
-  set_run_flags(checkpoint=str(runs / 'simclr' / 'ckpt-4'),
-                train_subset=str(runs / 'train_subset.txt'),
-                knn_k=50, knn_temperature=0.07, protocols='knn,linear',
-                linear_l2_grid='0.001,0.1', output_dir=str(tmp_path))
-  result = evaluate.evaluate_from_flags()
+  result = evaluate.evaluate_features(
+      dataclasses.replace(TINY_DATA,
+                          train_subset=str(runs / 'train_subset.txt')),
+      TINY_MODEL, config.EvalConfig(knn_k=50, knn_temperature=0.07),
+      config.FeatureEvalConfig(protocols=('knn', 'linear'),
+                               linear_l2_grid=(0.001, 0.1),
+                               output_dir=str(tmp_path)),
+      checkpoint=str(runs / 'simclr' / 'ckpt-4'), seed=0)
   assert result['knn']['top_1'] == pytest.approx(monitored['top_1'],
                                                  abs=1.5 / 360)
   assert result['knn']['top_5'] == pytest.approx(monitored['top_5'],
@@ -257,7 +194,7 @@ def test_knn_monitor_only_fires_on_multiples_of_its_period():
   calls = []
   monitor = evaluate.KnnMonitor(_FakeModel(), step, None, None,
                                 period_steps=5)
-  monitor.evaluate = calls.append
+  monitor.run = lambda step, outputs: calls.append(step)
   monitor.start()
   for value in (3, 5, 8, 9, 12, 15, 16):
     step.assign(value)
@@ -265,28 +202,90 @@ def test_knn_monitor_only_fires_on_multiples_of_its_period():
   assert calls == [5, 12, 15]  # 12: the loop that crossed step 10.
 
 
+def test_knn_monitor_history_is_appended_across_restarts(tmp_path):
+  step = tf.Variable(5, dtype=tf.int64)
+  path = str(tmp_path / 'knn_monitor.json')
+
+  def restarted_monitor():
+    monitor = evaluate.KnnMonitor(_FakeModel(), step, None, None,
+                                  period_steps=5, history_path=path)
+    monitor.run = lambda step, outputs: {'step': step}
+    return monitor
+
+  restarted_monitor()({})
+  monitor = restarted_monitor()
+  monitor.start()
+  step.assign(10)
+  monitor({})
+  assert [h['step'] for h in restarted_monitor().history] == [5, 10]
+
+
 class _FakeModel:
   head_contrastive = type('Head', (), {'ft_proj_selector': 0})()
 
 
-# ------------------------------------------------------------------ pictures
+# ------------------------------------------------------- offline evaluation
 
 
-def test_preview_mode_writes_a_grid_of_views(tmp_path):
-  set_run_flags(model_dir=str(tmp_path), mode='preview', train_epochs=1)
-  path = run.run()
-  image = tf.io.decode_png(tf.io.read_file(path)).numpy()
-  # 8 rows of 2 views, 16 px enlarged ×6 to 96 px, 2 px gaps.
-  assert image.shape == (8 * 98 + 2, 2 * 98 + 2, 3)
-  assert path == os.path.join(str(tmp_path), 'preview.png')
+def test_evaluate_features_rejects_settings_that_cannot_work(tmp_path):
+  cases = [
+      (dict(checkpoint='a', feature_cfg=config.FeatureEvalConfig(
+          saved_model='b')), 'pass --checkpoint or --saved_model, not both.'),
+      (dict(feature_cfg=config.FeatureEvalConfig(
+          protocols=('knn', 'svm'), output_dir=str(tmp_path))),
+       "unknown --protocols ['svm']."),
+      (dict(feature_cfg=config.FeatureEvalConfig()),
+       'pass --output_dir (or --model_dir) for a random encoder or raw '
+       'pixels.'),
+      (dict(feature_cfg=config.FeatureEvalConfig(
+          saved_model=str(tmp_path), feature_layer='1')),
+       '--feature_layer=1: a SavedModel serves only 0 (features) and -1 '
+       '(projection).'),
+  ]
+  for kwargs, message in cases:
+    feature_cfg = kwargs.pop('feature_cfg')
+    with pytest.raises(config.ConfigError) as error:
+      evaluate.evaluate_features(TINY_DATA, TINY_MODEL, config.EvalConfig(),
+                                 feature_cfg, **kwargs)
+    assert str(error.value) == message
 
 
-def test_embedding_plot(tmp_path):
-  x, y = blobs(3, 40)
-  path = evaluate.save_embedding_plot(x, y, str(tmp_path / 't.png'),
-                                      class_names=['a', 'b', 'c'])
-  image = tf.io.decode_png(tf.io.read_file(path)).numpy()
-  assert image.shape[0] > 100 and image.std() > 0
+def test_command_line_end_to_end_on_raw_pixels(tmp_path):
+  """python evaluate.py: absl flags → configs → feature_eval.json, whose kNN
+  equals the protocol on pixels resized here; bad input exits with a
+  message."""
+  def evaluate_py(*flags):
+    return subprocess.run([sys.executable, 'evaluate.py', *flags], cwd=REPO,
+                          capture_output=True, text=True, timeout=600)
+
+  proc = evaluate_py('--dataset=digits', '--eval_split=test',
+                     '--image_size=16', '--feature_layer=pixels',
+                     '--protocols=knn,linear', '--linear_l2_grid=0.1',
+                     '--knn_k=20', f'--output_dir={tmp_path}')
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  with open(tmp_path / 'feature_eval.json') as f:
+    written = json.load(f)
+  assert written['encoder'] == {'feature_layer': 'pixels', 'kind': 'pixels'}
+  assert written['feature_dim'] == 16 * 16 * 3
+  assert written['linear']['grid'] == [0.1]
+  assert (f'kNN (k=20, temperature 0.1): top-1 '
+          f'{written["knn"]["top_1"]:.4f}') in proc.stdout
+
+  import data as data_lib  # pylint: disable=import-outside-toplevel
+  source = data_lib.get_data_source('digits')
+
+  def pixels(split):
+    images, labels = source.arrays(split)
+    resized = tf.image.resize(images / 255.0, [16, 16], method='bicubic')
+    return np.clip(resized.numpy(), 0, 1).reshape(len(images), -1), labels
+  expected = evaluate.knn_eval(*pixels('train'), *pixels('test'), k=20)
+  assert written['knn']['top_1'] == pytest.approx(expected['top_1'],
+                                                  abs=1.5 / 360)
+
+  proc = evaluate_py('--dataset=digits', '--checkpoint=a', '--saved_model=b')
+  assert proc.returncode == 1
+  assert proc.stderr.strip().endswith(
+      'evaluate.py: error: pass --checkpoint or --saved_model, not both.')
 
 
 # --------------------------------------------------------------- benchmark
@@ -317,27 +316,3 @@ def test_quality_benchmark_skips_without_data(tmp_path, capsys):
                        f'--output_dir={tmp_path}']) is None
   assert 'skipped' in capsys.readouterr().out
   assert not os.listdir(tmp_path)
-
-
-def test_distributed_features_under_two_replicas_equal_a_local_pass():
-  """Every example once, in id order, the same features as one device."""
-  strategy = two_replica_strategy()
-  source = data_lib.get_data_source('digits')
-  input_fn = data_lib.build_pass_input_fn(source, 'test', 64, 16)
-  weights = tf.constant(np.random.default_rng(0).normal(
-      size=(16 * 16 * 3, 5)).astype(np.float32))
-
-  def encode(images):
-    return tf.reshape(images, [tf.shape(images)[0], -1]) @ weights
-
-  step = evaluate.distributed_feature_step(strategy, encode)
-  features, labels = evaluate.collect_features(
-      step, strategy.distribute_datasets_from_function(input_fn))
-  reference, ref_labels, ids = evaluate.extract_features(
-      encode, evaluate.feature_dataset(source, 'test', 64, 16))
-  np.testing.assert_array_equal(ids, np.arange(source.num_examples('test')))
-  np.testing.assert_allclose(features, reference, rtol=1e-5, atol=1e-5)
-  np.testing.assert_array_equal(labels, ref_labels)
-  np.testing.assert_array_equal(labels, source.arrays('test')[1])
-  # 360 rows padded to 6 global batches of 64: some padding was dropped.
-  assert sum(1 for _ in input_fn(None)) == 6

@@ -3,19 +3,20 @@ equivalence, the memory queue, validation, and run.py end to end."""
 
 import os
 
-from absl import flags
 import numpy as np
 import pytest
 import tensorflow as tf
 
 import checkpoints
+import config as config_lib
 import data as data_lib
+import experiment as experiment_lib
 import fnc
+import model as model_lib
 import objective as obj_lib
 import run
 from conftest import assert_same_value_and_gradient
 
-FLAGS = flags.FLAGS
 TAU = 0.5
 
 
@@ -101,7 +102,7 @@ def test_two_views_no_false_negatives_is_nt_xent(strategy):
   projections = tf.constant(np.random.default_rng(1).normal(size=(12, 5)),
                             tf.float32)
   objective = fnc.FNC(temperature=TAU, support_size=0, memory_multiplier=0,
-                      fn_threshold=1.01, fn_strategy=strategy)
+                      threshold=1.01, strategy=strategy)
   simclr = obj_lib.SimCLR(temperature=TAU)
   np.testing.assert_allclose(
       objective.loss(projections, {})[0].numpy(),
@@ -137,7 +138,7 @@ def _identify(views, topk, threshold, queries=None, candidates=None,
               valid=None):
   num_views, n, _ = views.shape
   candidates = _view_major(views) if candidates is None else candidates
-  own = fnc.own_image_mask(tf.range(n), n, num_views, len(candidates))
+  own = obj_lib.own_image_mask(tf.range(n), n, num_views, len(candidates))
   mask, _ = fnc.identify_false_negatives(
       tf.constant(_view_major(views if queries is None else queries)),
       tf.constant(candidates), own, num_views, topk, threshold,
@@ -349,9 +350,9 @@ def test_queue_holds_the_expected_keys_in_order(two_replicas):
   global_batch = 2 * b
   with strategy.scope():
     objective = fnc.FNC(temperature=TAU, support_size=0, memory_multiplier=4,
-                        fn_topk=3, projection_dim=d)
+                        topk=3)
     objective.validate(global_batch, 100)
-    objective.build(100, global_batch)
+    objective.build(100, global_batch, projection_dim=d)
   queue = objective.queue
   assert queue.size == 4 * global_batch
 
@@ -398,8 +399,8 @@ def test_queue_holds_the_expected_keys_in_order(two_replicas):
 
 def test_loss_reads_the_queue_before_pushing():
   objective = fnc.FNC(temperature=TAU, support_size=1, memory_multiplier=6,
-                      fn_topk=4, fn_threshold=0.3, projection_dim=4)
-  objective.build(100, 4)
+                      topk=4, threshold=0.3)
+  objective.build(100, 4, projection_dim=4)
   rng = np.random.default_rng(8)
   first_keys = None
   for step in range(2):
@@ -429,13 +430,15 @@ def test_loss_reads_the_queue_before_pushing():
     (dict(memory_multiplier=2, support_size=2), 16,
      r'--memory_multiplier=2: the queue holds 2·B = 32 keys, fewer than one '
      r'batch of keys \(V·B'),
-    (dict(memory_multiplier=0, support_size=0, fn_topk=7), 4,
+    (dict(memory_multiplier=0, support_size=0, topk=7), 4,
      '--fn_topk=7 exceeds the 6 candidates'),
-    (dict(memory_multiplier=2, support_size=0, fn_topk=15), 4,
+    (dict(memory_multiplier=2, support_size=0, topk=15), 4,
      r'--fn_topk=15 exceeds the 14 candidates .*queued keys'),
-    (dict(fn_strategy='repulsion'), 16, "--fn_strategy='repulsion'"),
+    (dict(strategy='repulsion'), 16, "--fn_strategy='repulsion'"),
     (dict(support_size=-1, memory_multiplier=0), 16, '--support_size=-1'),
-    (dict(moving_average_decay=1.5), 16, '--moving_average_decay=1.5'),
+    (dict(momentum_decay=1.5), 16, '--moving_average_decay=1.5'),
+    (dict(memory_multiplier=-1), 16, '--memory_multiplier=-1 must be ≥ 0'),
+    (dict(topk=-1), 16, '--fn_topk=-1 must be ≥ 0'),
 ])
 def test_validate_rejects_what_cannot_work(kwargs, batch, message):
   with pytest.raises(ValueError, match=message):
@@ -444,28 +447,30 @@ def test_validate_rejects_what_cannot_work(kwargs, batch, message):
 
 def test_validate_accepts_the_published_recipe_and_edge_cases():
   fnc.FNC().validate(4096, 1281167)
-  fnc.FNC(memory_multiplier=0, support_size=0, fn_topk=6).validate(4, 100)
-  fnc.FNC(memory_multiplier=2, support_size=0, fn_topk=14).validate(4, 100)
+  fnc.FNC(memory_multiplier=0, support_size=0, topk=6).validate(4, 100)
+  fnc.FNC(memory_multiplier=2, support_size=0, topk=14).validate(4, 100)
 
 
 def test_objective_registration_and_properties():
   cls = obj_lib.get_objective_class('fnc')
   assert cls is fnc.FNC
-  assert cls.flag_names == (
-      'temperature', 'hidden_norm', 'support_size', 'memory_multiplier',
-      'moving_average_decay', 'fn_topk', 'fn_threshold', 'fn_strategy')
   assert cls.default_randaugment and not obj_lib.SimCLR.default_randaugment
   default = cls()
-  assert default.num_views == 10
+  assert default.num_views == 10 and default.memory_multiplier == 16
   assert default.uses_momentum_encoder and default.momentum_decay == 0.999
   in_batch = cls(memory_multiplier=0)
+  # No momentum encoder, so nobody reads momentum_decay.
   assert not in_batch.uses_momentum_encoder
-  assert in_batch.momentum_decay is None
-  in_batch.build(100, 16)
+  in_batch.build(100, 16, projection_dim=8)
   assert in_batch.checkpoint_items() == {}
   assert not obj_lib.SimCLR().uses_momentum_encoder
+  assert obj_lib.SimCLR().momentum_decay is None
   with pytest.raises(ValueError, match='projection_dim'):
-    cls().build(100, 16)
+    cls().build(100, 16, projection_dim=None)
+  memory = cls(support_size=0, memory_multiplier=2)
+  memory.build(100, 16, projection_dim=8)
+  assert memory.queue.keys.shape == (32, 8)
+  assert set(memory.checkpoint_items()) == {'fnc_queue'}
 
 
 # ---------------------------------------------------------------------------
@@ -481,9 +486,17 @@ TINY = {
 }
 
 
-def _set_flags(**overrides):
-  FLAGS.unparse_flags()
-  FLAGS(['run.py'] + [f'--{k}={v}' for k, v in {**TINY, **overrides}.items()])
+def _argv(**overrides):
+  return [f'--{k}={v}' for k, v in {**TINY, **overrides}.items()]
+
+
+def _config(**overrides):
+  return config_lib.from_argv(_argv(**overrides))
+
+
+def _experiment(**overrides):
+  return experiment_lib.Experiment(_config(**overrides),
+                                   tf.distribute.get_strategy())
 
 
 def _read(path):
@@ -505,9 +518,8 @@ def fnc_runs(tmp_path_factory):
   for name, multiplier, randaugment in (('in_batch', 0, True),
                                         ('memory', 4, False)):
     dirs[name] = str(tmp_path_factory.mktemp(name))
-    _set_flags(model_dir=dirs[name], memory_multiplier=multiplier,
-               use_randaugment=randaugment)
-    run.run()
+    run.run(_config(model_dir=dirs[name], memory_multiplier=multiplier,
+                    use_randaugment=randaugment))
   return dirs
 
 
@@ -549,11 +561,11 @@ def test_end_to_end_memory_mode_checkpoint(fnc_runs):
 def test_resume_restores_encoder_and_queue_exactly(fnc_runs):
   model_dir = fnc_runs['memory']
   values = _read(tf.train.latest_checkpoint(model_dir))
-  _set_flags(model_dir=model_dir, memory_multiplier=4, train_steps=3)
-  experiment = run.Experiment(tf.distribute.get_strategy())
+  experiment = _experiment(model_dir=model_dir, memory_multiplier=4,
+                           train_steps=3)
   experiment.checkpoint_manager.restore_or_initialize()
   assert int(experiment.global_step.numpy()) == 2
-  saved = checkpoints.variable_paths(experiment.momentum_encoder)
+  saved = model_lib.variable_paths(experiment.momentum_encoder)
   for path, variable in saved.items():
     key = 'momentum_encoder/' + path + checkpoints.VALUE_SUFFIX
     np.testing.assert_array_equal(variable.numpy(), values[key], err_msg=path)
@@ -569,15 +581,15 @@ def test_resume_restores_encoder_and_queue_exactly(fnc_runs):
 
 def test_new_run_starts_encoder_equal_to_warm_started_model(fnc_runs,
                                                             tmp_path):
-  _set_flags(model_dir=str(tmp_path / 'warm'), memory_multiplier=4,
-             checkpoint=fnc_runs['in_batch'])
-  experiment = run.Experiment(tf.distribute.get_strategy())
+  experiment = _experiment(model_dir=str(tmp_path / 'warm'),
+                           memory_multiplier=4,
+                           checkpoint=fnc_runs['in_batch'])
   experiment.checkpoint_manager.restore_or_initialize()
   source = _values(_read(tf.train.latest_checkpoint(fnc_runs['in_batch'])),
                    'model/')
   pairs = experiment.momentum_encoder._variable_pairs(experiment.model)  # pylint: disable=protected-access
   paths = {id(v): k for k, v in
-           checkpoints.variable_paths(experiment.model).items()}
+           model_lib.variable_paths(experiment.model).items()}
   for own, online in pairs:
     np.testing.assert_array_equal(own.numpy(), online.numpy())
     np.testing.assert_array_equal(
@@ -589,8 +601,8 @@ def test_randaugment_follows_objective_default_and_flag(tmp_path):
                               ({'objective': 'simclr'}, False),
                               ({'objective': 'simclr',
                                 'use_randaugment': True}, True)):
-    _set_flags(model_dir=str(tmp_path), memory_multiplier=0, **overrides)
-    experiment = run.Experiment(tf.distribute.get_strategy())
+    experiment = _experiment(model_dir=str(tmp_path), memory_multiplier=0,
+                             **overrides)
     augment = experiment.randaugment()
     assert (augment is not None) == expected, overrides
     if augment is not None:  # constants scaled to 16-pixel images
@@ -599,9 +611,9 @@ def test_randaugment_follows_objective_default_and_flag(tmp_path):
 
 
 def test_queue_smaller_than_a_batch_of_keys_exits_clearly(tmp_path):
-  _set_flags(model_dir=str(tmp_path / 'small'), memory_multiplier=2)
   with pytest.raises(SystemExit) as exit_info:
-    run.main(['run.py'])
+    run.run_from_flags(config_lib.parse_argv(_argv(
+        model_dir=str(tmp_path / 'small'), memory_multiplier=2)))
   assert '--memory_multiplier=2' in str(exit_info.value.code)
   assert 'fewer than one batch of keys' in str(exit_info.value.code)
   assert not os.path.exists(tmp_path / 'small' / 'checkpoint')

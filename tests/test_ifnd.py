@@ -1,25 +1,28 @@
-"""IFND: acceptance, clustering, the mask and loss against NumPy, base-loss
-equivalence, replica equivalence, the embedding pass, re-assignment timing,
-validation, and run.py end to end (with a re-assignment inside the run)."""
+"""IFND: the mask and loss against NumPy, base-loss equivalence, replica
+equivalence, the objective's loss and queue, the table, re-assignment
+(timing, the embedding pass, its record), validation, and run.py end to end
+(with a re-assignment inside the run). The clustering itself is tested in
+test_clustering.py."""
 
 import json
 import os
 
-from absl import flags
 import numpy as np
 import pytest
-from sklearn import metrics as sk_metrics
 import tensorflow as tf
 
+import actions
 import checkpoints
+import config as config_lib
 import data as data_lib
+import experiment as experiment_lib
+import features
 import fnc
 import ifnd
 import objective as obj_lib
 import run
 from conftest import assert_same_value_and_gradient
 
-FLAGS = flags.FLAGS
 TAU = 0.5
 
 
@@ -31,99 +34,6 @@ def _views(seed, n, d=4, num_views=2):
   """[V·n, d] view-major unit vectors."""
   return _unit(np.random.default_rng(seed).normal(
       size=(num_views * n, d))).astype(np.float64)
-
-
-# ---------------------------------------------------------------------------
-# Acceptance, clustering, confidence, purity (host side).
-# ---------------------------------------------------------------------------
-
-
-def test_acceptance_schedules():
-  assert ifnd.acceptance_rate(0.0) == 0.0
-  assert ifnd.acceptance_rate(0.37) == pytest.approx(0.37)
-  assert ifnd.acceptance_rate(1.5) == 1.0
-  assert ifnd.acceptance_rate(0.9, 'constant', rate=0.3) == 0.3
-  rates = [ifnd.acceptance_rate(p, 'step', stages=5)
-           for p in (0.0, 0.19, 0.2, 0.5, 0.79, 0.8, 1.0)]
-  assert rates == [0.0, 0.0, 0.25, 0.5, 0.75, 1.0, 1.0]
-  with pytest.raises(ValueError, match='ifnd_acceptance must be one of'):
-    ifnd.acceptance_rate(0.5, 'cosine')
-
-
-@pytest.mark.parametrize('rate', [0.0, 0.1, 0.25, 0.55, 1.0])
-def test_accept_labels_round_rn_most_confident(rate):
-  rng = np.random.default_rng(3)
-  n = 37
-  assignments = rng.integers(0, 5, n).astype(np.int32)
-  confidence = rng.uniform(size=n).astype(np.float32)
-  labels = ifnd.accept(assignments, confidence, rate)
-  labelled = labels >= 0
-  assert labelled.sum() == int(round(rate * n))
-  np.testing.assert_array_equal(labels[labelled], assignments[labelled])
-  if 0 < labelled.sum() < n:  # every labelled one beats every unlabelled one
-    assert confidence[labelled].min() > confidence[~labelled].max()
-
-
-def test_accept_breaks_ties_by_index():
-  labels = ifnd.accept(np.array([7, 8, 9, 6]), np.ones(4), 0.5)
-  np.testing.assert_array_equal(labels, [7, 8, -1, -1])
-
-
-def _planted(seed=0, per_cluster=40, k=5, d=8, spread=0.05):
-  rng = np.random.default_rng(seed)
-  centres = _unit(rng.normal(size=(k, d))) * 3
-  truth = np.repeat(np.arange(k), per_cluster)
-  x = centres[truth] + spread * rng.normal(size=(len(truth), d))
-  return x.astype(np.float32), truth
-
-
-def test_kmeans_recovers_planted_clusters_deterministically():
-  x, truth = _planted()
-  centroids, assignments = ifnd.kmeans(x, 5, seed=1)
-  assert sk_metrics.adjusted_rand_score(truth, assignments) == 1.0
-  assert centroids.shape == (5, 8)
-  again = ifnd.kmeans(x, 5, seed=1)
-  np.testing.assert_array_equal(again[1], assignments)
-  np.testing.assert_array_equal(again[0], centroids)
-  with pytest.raises(ValueError, match='Cannot make 500 clusters of 200'):
-    ifnd.kmeans(x, 500)
-
-
-def test_confidence_against_numpy():
-  rng = np.random.default_rng(5)
-  x = rng.normal(size=(6, 3)).astype(np.float32)
-  centroids = rng.normal(size=(3, 3)).astype(np.float32)
-  assignments = np.array([0, 1, 2, 0, 1, 2])
-  own = ifnd.cluster_confidence(x, centroids, assignments)
-  margin = ifnd.cluster_confidence(x, centroids, assignments, 'margin')
-  for i in range(6):
-    cos = [x[i] @ c / np.linalg.norm(x[i]) / np.linalg.norm(c)
-           for c in centroids]
-    assert own[i] == pytest.approx(cos[assignments[i]], abs=1e-6)
-    other = max(c for j, c in enumerate(cos) if j != assignments[i])
-    assert margin[i] == pytest.approx(cos[assignments[i]] - other, abs=1e-6)
-  with pytest.raises(ValueError, match='ifnd_confidence must be one of'):
-    ifnd.cluster_confidence(x, centroids, assignments, 'entropy')
-
-
-def test_purity():
-  pseudo = np.array([0, 0, 0, 1, 1, -1])
-  true = np.array([2, 2, 3, 1, 1, 0])
-  assert ifnd.purity(pseudo, true) == pytest.approx(4 / 5)
-  assert np.isnan(ifnd.purity(np.full(3, -1), np.zeros(3, int)))
-
-
-def test_assign_pseudo_labels_on_planted_clusters():
-  x, truth = _planted(per_cluster=20, k=4)
-  result = ifnd.assign_pseudo_labels(x, (4, 8), 0.5, seed=0,
-                                     true_labels=truth)
-  assert result.table.shape == (80, 2)
-  assert [(result.table[:, level] >= 0).sum() for level in range(2)] == [40,
-                                                                        40]
-  assert result.purity[0] == 1.0 and result.purity[1] == 1.0
-  assert result.cluster_sizes[0] == (20, 20.0, 20)
-  empty = ifnd.assign_pseudo_labels(x, (4, 8), 0.0)
-  assert (empty.table == -1).all() and empty.purity == []
 
 
 # ---------------------------------------------------------------------------
@@ -319,7 +229,72 @@ def test_two_replicas_equal_one_replica(two_replicas):
 
 
 # ---------------------------------------------------------------------------
-# The embedding pass, the table and re-assignment timing.
+# The objective: loss, example ids, queue.
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize('memory', [False, True])
+def test_objective_loss_matches_numpy_and_fills_the_queue(memory):
+  """Two steps through IFND.loss (hidden_norm on raw projections, in-batch
+  or keys + queue with ids), against the NumPy loss of the same columns."""
+  n, d = 4, 4
+  table = _table(30, 10, unlabelled=0.2)
+  objective = ifnd.IFND(temperature=TAU, num_clusters=(3, 3),
+                        memory_multiplier=4 if memory else 0)
+  objective.build(10, n, projection_dim=d)
+  objective.table.assign(table, 0, 0.5)
+  rng = np.random.default_rng(31)
+  queue_keys, queue_ids = np.zeros((0, d)), np.zeros(0, np.int64)
+  for step, ids in enumerate((np.array([2, 5, 8, 0]), np.array([1, 5, 9, 3]))):
+    projections = 3.0 * rng.normal(size=(2 * n, d))
+    keys = projections + 0.5 * rng.normal(size=(2 * n, d))
+    batch = {'id': tf.constant(ids, tf.int32),
+             'label': tf.constant(ids % 3, tf.int32)}
+    loss, metrics = objective.loss(
+        tf.constant(projections), batch,
+        keys=tf.constant(keys) if memory else None)
+    views = _unit(projections)
+    if memory:
+      size = 4 * 2 * n
+      filled = len(queue_ids)
+      queue = np.zeros((size, d))
+      queue[:filled] = queue_keys.astype(np.float32)  # the queue's dtype
+      candidates = np.concatenate([_unit(keys), queue])
+      column_ids = np.concatenate([np.tile(ids, 2), queue_ids,
+                                   -np.ones(size - filled, np.int64)])
+      valid = np.concatenate([np.ones(2 * n, bool),
+                              np.arange(size) < filled])
+    else:
+      candidates, column_ids = views, np.tile(ids, 2)
+      valid = np.ones(2 * n, bool)
+    expected = numpy_ifnd(views, candidates, column_ids, valid, ids, table,
+                          'elimination', 'mean')
+    np.testing.assert_allclose(loss.numpy(), expected, rtol=1e-10)
+    assert set(metrics) == set(ifnd.IFND.metric_names)
+    assert float(metrics['acceptance_rate']) == 0.5
+    if step == 1:
+      assert numpy_mask(ids, column_ids, table)[:, :, 2 * n:].any() == memory
+    queue_keys = np.concatenate([_unit(keys), queue_keys])
+    queue_ids = np.concatenate([np.tile(ids, 2), queue_ids])
+  if memory:
+    np.testing.assert_array_equal(objective.queue.ids.numpy(), queue_ids)
+    np.testing.assert_allclose(objective.queue.keys.numpy(), queue_keys,
+                               rtol=1e-6)
+    assert set(objective.checkpoint_items()) == {'ifnd_table', 'ifnd_queue'}
+  else:
+    assert objective.queue is None
+    assert set(objective.checkpoint_items()) == {'ifnd_table'}
+
+
+def test_objective_loss_reads_example_ids():
+  objective = ifnd.IFND(temperature=TAU)
+  objective.build(10, 3, projection_dim=4)
+  with pytest.raises(KeyError, match='id'):
+    objective.loss(tf.constant(_views(40, 3)), {'label': tf.range(3)})
+
+
+# ---------------------------------------------------------------------------
+# The table and re-assignment: timing, the embedding pass, the record.
 # ---------------------------------------------------------------------------
 
 
@@ -346,14 +321,20 @@ class _Recorder(ifnd.Reassigner):
     self.ifnd.table.assign(self.ifnd.table.labels.numpy(), step, 0.0)
 
 
-def test_reassignment_happens_at_the_right_steps(tmp_path):
-  objective = ifnd.IFND(ifnd_reassign_epochs=2)
-  objective.build(10, 2)
-  step = tf.Variable(0, dtype=tf.int64)
-  context = obj_lib.TrainContext(
+def _context(tmp_path, step, train_steps=25, steps_per_epoch=5,
+             key_encoder=None, train_pass=None):
+  return obj_lib.TrainContext(
       strategy=tf.distribute.get_strategy(), global_step=step,
-      train_steps=25, steps_per_epoch=5, key_encoder=None,
-      train_pass_dataset_fn=None, model_dir=str(tmp_path))
+      train_steps=train_steps, steps_per_epoch=steps_per_epoch,
+      key_encoder=key_encoder, train_pass=train_pass,
+      model_dir=str(tmp_path))
+
+
+def test_reassignment_happens_at_the_right_steps(tmp_path):
+  objective = ifnd.IFND(reassign_epochs=2)
+  objective.build(10, 2, projection_dim=4)
+  step = tf.Variable(0, dtype=tf.int64)
+  context = _context(tmp_path, step)
   assert objective.action_period_steps(5) == 10
   recorder = _Recorder(objective, context, 10)
   recorder.start()                        # new run: at once
@@ -367,11 +348,87 @@ def test_reassignment_happens_at_the_right_steps(tmp_path):
   resumed.start()
   assert resumed.steps == []
   # Resuming at 15 without a table (never assigned): at once.
-  fresh = ifnd.IFND(ifnd_reassign_epochs=2)
-  fresh.build(10, 2)
+  fresh = ifnd.IFND(reassign_epochs=2)
+  fresh.build(10, 2, projection_dim=4)
   stale = _Recorder(fresh, context, 10)
   stale.start()
   assert stale.steps == [15]
+
+
+def test_reassigner_is_a_periodic_action():
+  assert issubclass(ifnd.Reassigner, actions.PeriodicAction)
+
+
+def _clusters(per_cluster=10, k=4, d=8, seed=0):
+  rng = np.random.default_rng(seed)
+  centres = _unit(rng.normal(size=(k, d))) * 3
+  truth = np.repeat(np.arange(k), per_cluster)
+  x = centres[truth] + 0.05 * rng.normal(size=(len(truth), d))
+  return x.astype(np.float32), truth.astype(np.int32)
+
+
+def test_reassign_embeds_clusters_and_records(tmp_path, monkeypatch):
+  """The feature pass (a stand-in extractor), k-means at two levels, the
+  table, the JSON history, TensorBoard scalars; one extractor for all
+  re-assignments."""
+  x, truth = _clusters()
+  made, passes = [], []
+
+  class FakeExtractor:
+    def __init__(self, strategy, encode):
+      made.append((strategy, encode))
+
+    def __call__(self, dataset):
+      passes.append(dataset)
+      return x, truth
+
+  monkeypatch.setattr(features, 'FeatureExtractor', FakeExtractor)
+  objective = ifnd.IFND(num_clusters=(4, 8), reassign_epochs=1,
+                        acceptance_schedule='constant', constant_rate=0.5)
+  objective.build(len(x), 4, projection_dim=8)
+  step = tf.Variable(0, dtype=tf.int64)
+  context = _context(tmp_path, step, train_steps=20, key_encoder='encoder',
+                     train_pass=lambda: 'train pass')
+  [reassigner] = objective.train_actions(context)
+  reassigner.start()                      # stale table: at step 0
+  step.assign(5)
+  reassigner()                            # one epoch later
+  assert made == [(context.strategy, 'encoder')]
+  assert passes == ['train pass', 'train pass']
+  labels = objective.table.labels.numpy()
+  assert ((labels >= 0).sum(axis=0) == [20, 20]).all()
+  assert labels[:, 0].max() < 4 and labels[:, 1].max() < 8
+  assert int(objective.table.assigned_step.numpy()) == 5
+  assert float(objective.table.rate.numpy()) == 0.5
+  with open(tmp_path / 'ifnd_assignments.json') as f:
+    history = json.load(f)
+  assert [h['step'] for h in history] == [0, 5]
+  assert history[1]['epoch'] == 1.0
+  assert history[1]['accepted_per_level'] == 20
+  assert history[1]['num_clusters'] == [4, 8]
+  assert history[1]['purity'] == [1.0, 1.0]
+  assert history[1]['cluster_sizes_min_median_max'][0] == [10, 10.0, 10]
+  assert tf.io.gfile.glob(str(tmp_path / 'ifnd' / 'events.out.tfevents.*'))
+  # A restarted action reads the history back; a pass that misses examples
+  # is an error.
+  again = objective.train_actions(context)[0]
+  assert [h['step'] for h in again.history] == [0, 5]
+  monkeypatch.setattr(FakeExtractor, '__call__',
+                      lambda self, dataset: (x[:-1], truth[:-1]))
+  with pytest.raises(ValueError, match='The embedding pass saw 39 training '
+                     'examples, the pseudo-label table has 40'):
+    again.reassign(10)
+
+
+def test_reassign_at_rate_zero_clusters_nothing(tmp_path, monkeypatch):
+  monkeypatch.setattr(features, 'FeatureExtractor', None)  # never called
+  objective = ifnd.IFND(num_clusters=(4,), reassign_epochs=1)
+  objective.build(40, 4, projection_dim=8)
+  context = _context(tmp_path, tf.Variable(0, dtype=tf.int64),
+                     train_steps=20)
+  record = objective.train_actions(context)[0].reassign(0)
+  assert record['acceptance_rate'] == 0.0 and record['purity'] == []
+  assert (objective.table.labels.numpy() == -1).all()
 
 
 # ---------------------------------------------------------------------------
@@ -380,14 +437,16 @@ def test_reassignment_happens_at_the_right_steps(tmp_path):
 
 
 @pytest.mark.parametrize('kwargs, message', [
-    (dict(ifnd_num_clusters='10,3000'), 'cannot make 3000 clusters of the '
+    (dict(num_clusters=(10, 3000)), 'cannot make 3000 clusters of the '
      '1000 training examples'),
-    (dict(ifnd_num_clusters='0'), 'cluster counts ≥ 1'),
-    (dict(ifnd_reassign_epochs=0), '--ifnd_reassign_epochs=0 must be ≥ 1'),
-    (dict(ifnd_acceptance_rate=1.5), '--ifnd_acceptance_rate=1.5'),
-    (dict(ifnd_strategy='both'), "--ifnd_strategy='both' must be one of"),
+    (dict(num_clusters=(0,)), 'cluster counts ≥ 1'),
+    (dict(reassign_epochs=0), '--ifnd_reassign_epochs=0 must be ≥ 1'),
+    (dict(constant_rate=1.5), '--ifnd_acceptance_rate=1.5'),
+    (dict(strategy='both'), "--ifnd_strategy='both' must be one of"),
     (dict(memory_multiplier=1), '--memory_multiplier=1: the queue holds'),
-    (dict(ifnd_confidence='margin', ifnd_num_clusters='1,5'),
+    (dict(memory_multiplier=-1), '--memory_multiplier=-1 must be ≥ 0'),
+    (dict(momentum_decay=1.5), '--moving_average_decay=1.5'),
+    (dict(confidence='margin', num_clusters=(1, 5)),
      'margin needs ≥ 2 clusters'),
 ])
 def test_validate_rejects_what_cannot_work(kwargs, message):
@@ -395,22 +454,15 @@ def test_validate_rejects_what_cannot_work(kwargs, message):
     ifnd.IFND(**kwargs).validate(64, 1000)
 
 
-def test_parse_num_clusters():
-  assert ifnd.parse_num_clusters('10,30,100') == (10, 30, 100)
-  assert ifnd.parse_num_clusters(['100', '300']) == (100, 300)
-  with pytest.raises(ValueError, match='comma-separated list of integers'):
-    ifnd.parse_num_clusters('ten')
-
-
 def test_objective_registration_and_defaults():
   cls = obj_lib.get_objective_class('ifnd')
-  assert cls is ifnd.IFND and cls.needs_example_ids
-  objective = cls(memory_multiplier=None)   # unset flag: in-batch
+  assert cls is ifnd.IFND
+  objective = cls()                        # config default: in-batch
   assert objective.num_views == 2 and not objective.uses_momentum_encoder
-  assert objective.fn_strategy == 'elimination'
+  assert objective.strategy == 'elimination'
   assert objective.level_combine == 'mean'
   assert cls(memory_multiplier=4).momentum_decay == 0.999
-  assert fnc.FNC(memory_multiplier=None).memory_multiplier == 16
+  assert cls(memory_multiplier=4).uses_momentum_encoder
 
 
 # ---------------------------------------------------------------------------
@@ -427,9 +479,12 @@ TINY = {
 }
 
 
-def _set_flags(**overrides):
-  FLAGS.unparse_flags()
-  FLAGS(['run.py'] + [f'--{k}={v}' for k, v in {**TINY, **overrides}.items()])
+def _argv(**overrides):
+  return [f'--{k}={v}' for k, v in {**TINY, **overrides}.items()]
+
+
+def _config(**overrides):
+  return config_lib.from_argv(_argv(**overrides))
 
 
 def _table_of(path):
@@ -444,8 +499,7 @@ def ifnd_run(tmp_path_factory):
   """4 epochs of 6 steps (1437 digits / 256), re-assignment every 2 epochs:
   at step 0 (rate 0, nothing clustered) and step 12 (rate 12/23)."""
   model_dir = str(tmp_path_factory.mktemp('ifnd'))
-  _set_flags(model_dir=model_dir, train_steps=0)
-  run.run()
+  run.run(_config(model_dir=model_dir, train_steps=0))
   return model_dir
 
 
@@ -476,15 +530,16 @@ def test_end_to_end_reassigns_inside_the_run(ifnd_run):
 def test_resume_restores_the_table_without_reassigning(ifnd_run):
   latest = tf.train.latest_checkpoint(ifnd_run)
   saved = _table_of(latest)
-  _set_flags(model_dir=ifnd_run, train_steps=0, train_epochs=5)
-  experiment = run.Experiment(tf.distribute.get_strategy())
+  experiment = experiment_lib.Experiment(
+      _config(model_dir=ifnd_run, train_steps=0, train_epochs=5),
+      tf.distribute.get_strategy())
   experiment.checkpoint_manager.restore_or_initialize()
   table = experiment.objective.table
   np.testing.assert_array_equal(table.labels.numpy(), saved['labels'])
   assert int(table.assigned_step.numpy()) == int(saved['assigned_step'])
   controller = experiment.controller(True, False)
   del controller
-  reassigner = [a for a in experiment.train_actions
+  reassigner = [a for a in experiment.actions
                 if isinstance(a, ifnd.Reassigner)]
   assert len(reassigner) == 1
   reassigner[0].start()  # step 23 of 29, table from step 12: not due
@@ -492,9 +547,9 @@ def test_resume_restores_the_table_without_reassigning(ifnd_run):
 
 
 def test_bad_ifnd_flags_exit_before_training(tmp_path):
-  _set_flags(model_dir=str(tmp_path / 'bad'), ifnd_num_clusters='10,5000')
   with pytest.raises(SystemExit) as exit_info:
-    run.main(['run.py'])
+    run.run_from_flags(config_lib.parse_argv(_argv(
+        model_dir=str(tmp_path / 'bad'), ifnd_num_clusters='10,5000')))
   assert 'cannot make 5000 clusters' in str(exit_info.value.code)
   assert not os.path.exists(tmp_path / 'bad' / 'checkpoint')
 
@@ -503,10 +558,10 @@ def test_end_to_end_memory_mode_with_constant_acceptance(tmp_path):
   """Memory mode: the momentum encoder embeds the set at step 0 (constant
   rate 0.5, so it clusters at once) and the queue keeps the keys' ids."""
   model_dir = str(tmp_path / 'memory')
-  _set_flags(model_dir=model_dir, memory_multiplier=2, train_steps=2,
-             checkpoint_steps=2, train_batch_size=64, ifnd_reassign_epochs=1,
-             ifnd_acceptance='constant', ifnd_acceptance_rate=0.5)
-  run.run()
+  run.run(_config(model_dir=model_dir, memory_multiplier=2, train_steps=2,
+                  checkpoint_steps=2, train_batch_size=64,
+                  ifnd_reassign_epochs=1, ifnd_acceptance='constant',
+                  ifnd_acceptance_rate=0.5))
   latest = tf.train.latest_checkpoint(model_dir)
   num = data_lib.get_data_source('digits').num_examples('train')
   table = _table_of(latest)

@@ -4,17 +4,16 @@ subset filtering of data.py that `--train_subset` uses."""
 import collections
 import os
 
-from absl import flags
 import numpy as np
 import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+import config as config_lib
 import data
-import run
+import experiment as experiment_lib
 from imagenet_subsets import subsets
 
-FLAGS = flags.FLAGS
 
 
 class SubsetTestNamedImages(tfds.core.GeneratorBasedBuilder):
@@ -206,17 +205,15 @@ def test_run_train_subset_sets_the_number_of_examples(tmp_path):
   keys = subsets.make_subset(data.get_data_source('digits'), 'train', 20)
   path = tmp_path / 'subset.txt'
   subsets.write_key_list(str(path), keys)
-  FLAGS.unparse_flags()
-  FLAGS(['run.py', '--dataset=digits', f'--model_dir={tmp_path / "m"}',
-         f'--train_subset={path}', '--train_batch_size=32', '--image_size=16',
-         '--resnet_depth=18', '--width_multiplier=0.125', '--mode=train'])
-  run.validate_flags()
-  experiment = run.Experiment(tf.distribute.get_strategy())
-  assert experiment.num_train_examples == len(keys) == 287
+  cfg = config_lib.from_argv([
+      '--dataset=digits', f'--model_dir={tmp_path / "m"}',
+      f'--train_subset={path}', '--train_batch_size=32', '--image_size=16',
+      '--resnet_depth=18', '--width_multiplier=0.125', '--mode=train'])
+  experiment = experiment_lib.Experiment(cfg, tf.distribute.get_strategy())
+  assert experiment.data.num_train_examples == len(keys) == 287
   batch = next(iter(experiment.train_input_fn(32)(None)))
   assert int(tf.reduce_max(batch['id'])) < 287
-  FLAGS.unparse_flags()
-  FLAGS(['run.py', '--dataset=digits', f'--model_dir={tmp_path / "m"}',
-         f'--train_subset={tmp_path / "absent.txt"}'])
-  with pytest.raises(run.ConfigError, match='absent.txt: no such file'):
-    run.validate_flags()
+  with pytest.raises(config_lib.ConfigError,
+                     match='absent.txt: no such file'):
+    config_lib.from_argv(['--dataset=digits', f'--model_dir={tmp_path / "m"}',
+                          f'--train_subset={tmp_path / "absent.txt"}'])

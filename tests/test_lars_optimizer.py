@@ -44,42 +44,32 @@ def _gradients(step, seed=1):
           for n, (s, _, _, _, kind) in VARIABLES.items()}
 
 
-def np_lars_step(w, g, v, lr, decay, adapt, nesterov, classic=True,
-                 m=MOMENTUM, wd=WD, eeta=EETA):
-  """Reference LARS update; returns (new w, new v)."""
+def np_lars_step(w, g, v, lr, decay, adapt, m=MOMENTUM, wd=WD, eeta=EETA):
+  """Reference LARS update (classic momentum); returns (new w, new v)."""
   if decay:
     g = g + wd * w
-  if classic:
-    wn, gn = np.linalg.norm(w), np.linalg.norm(g)
-    trust = eeta * wn / gn if adapt and wn > 0 and gn > 0 else 1.0
-    v = m * v + lr * trust * g
-    update = m * v + lr * trust * g if nesterov else v
-    return w - update, v
-  v = m * v + g
-  update = m * v + g if nesterov else v
-  wn, un = np.linalg.norm(w), np.linalg.norm(update)
-  trust = eeta * wn / un if adapt and wn > 0 and un > 0 else 1.0
-  return w - lr * trust * update, v
+  wn, gn = np.linalg.norm(w), np.linalg.norm(g)
+  trust = eeta * wn / gn if adapt and wn > 0 and gn > 0 else 1.0
+  v = m * v + lr * trust * g
+  return w - v, v
 
 
-def np_run(num_steps, nesterov, classic=True):
+def np_run(num_steps):
   ws = _initial_values()
   vs = {n: np.zeros_like(w) for n, w in ws.items()}
   for step in range(num_steps):
     gs = _gradients(step)
     for n in NAMES:
       _, decay, adapt, _, _ = VARIABLES[n]
-      ws[n], vs[n] = np_lars_step(ws[n], gs[n], vs[n], LR, decay, adapt,
-                                  nesterov, classic)
+      ws[n], vs[n] = np_lars_step(ws[n], gs[n], vs[n], LR, decay, adapt)
   return ws, vs
 
 
-def make_optimizer(nesterov, classic=True):
+def make_optimizer():
   return lo.LARSOptimizer(
-      LR, momentum=MOMENTUM, use_nesterov=nesterov, weight_decay=WD,
+      LR, momentum=MOMENTUM, weight_decay=WD,
       exclude_from_weight_decay=lo.EXCLUDE_FROM_WEIGHT_DECAY + ['no_decay'],
-      exclude_from_layer_adaptation=lo.EXCLUDE_FROM_WEIGHT_DECAY,
-      classic_momentum=classic, eeta=EETA)
+      exclude_from_layer_adaptation=lo.EXCLUDE_FROM_WEIGHT_DECAY, eeta=EETA)
 
 
 def make_variables():
@@ -101,30 +91,27 @@ def assert_matches_numpy(variables, optimizer, ws, vs, initial):
                                  atol=1e-12, err_msg=n)
 
 
-@pytest.mark.parametrize('nesterov', [False, True])
-@pytest.mark.parametrize('classic', [True, False])
-def test_lars_two_steps_match_numpy(nesterov, classic):
+def test_lars_two_steps_match_numpy():
   variables = make_variables()
-  opt = make_optimizer(nesterov, classic)
+  opt = make_optimizer()
   for step in range(2):
     gs = _gradients(step)
     opt.apply_gradients([(tf.constant(gs[lo.canonical_variable_name(v)]), v)
                          for v in variables])
-  ws, vs = np_run(2, nesterov, classic)
+  ws, vs = np_run(2)
   assert_matches_numpy(variables, opt, ws, vs, _initial_values())
   # The NumPy reference really distinguishes adapted from non-adapted updates.
-  ws_plain, _ = np_run(1, nesterov, classic)
+  ws_plain, _ = np_run(1)
   assert not np.allclose(ws_plain['net/dense/kernel'],
                          _initial_values()['net/dense/kernel'] -
                          LR * _gradients(0)['net/dense/kernel'])
 
 
-@pytest.mark.parametrize('nesterov', [False, True])
-def test_lars_mirrored_matches_single_device(nesterov):
+def test_lars_mirrored_matches_single_device():
   strategy = two_replica_strategy()
   with strategy.scope():
     variables = make_variables()
-    opt = make_optimizer(nesterov)
+    opt = make_optimizer()
 
   @tf.function
   def train_step(per_replica_grads):
@@ -144,13 +131,13 @@ def test_lars_mirrored_matches_single_device(nesterov):
 
   # Single-device run on the same gradients.
   single_vars = make_variables()
-  single_opt = make_optimizer(nesterov)
+  single_opt = make_optimizer()
   for step in range(2):
     gs = _gradients(step)
     single_opt.apply_gradients([(tf.constant(gs[n]), v)
                                 for n, v in zip(NAMES, single_vars)])
 
-  ws, vs = np_run(2, nesterov)
+  ws, vs = np_run(2)
   assert_matches_numpy(variables, opt, ws, vs, _initial_values())
   for mirrored, single in zip(variables, single_vars):
     assert len(mirrored.values) == 2
@@ -163,7 +150,7 @@ def test_lars_sparse_gradient_equals_dense():
   init = np.arange(12, dtype=np.float64).reshape(4, 3) / 10.
   sparse_var = tf.Variable(init, name='emb/kernel')
   dense_var = tf.Variable(init, name='emb/kernel')
-  opt_s, opt_d = make_optimizer(False), make_optimizer(False)
+  opt_s, opt_d = make_optimizer(), make_optimizer()
   with tf.GradientTape() as tape:
     loss = tf.reduce_sum(tf.gather(sparse_var, [1, 3, 1]) ** 2)
   grad = tape.gradient(loss, sparse_var)
@@ -184,13 +171,11 @@ def test_layer_adaptation_defaults_to_weight_decay_exclusions():
 
 def test_lars_get_config_round_trip_with_schedule():
   sched = lo.WarmUpAndCosineDecay(0.3, 1000, 64, warmup_epochs=1)
-  opt = lo.LARSOptimizer(sched, momentum=0.8, use_nesterov=True,
-                         weight_decay=1e-4,
+  opt = lo.LARSOptimizer(sched, momentum=0.8, weight_decay=1e-4,
                          exclude_from_weight_decay=['bias'], eeta=0.002)
   clone = lo.LARSOptimizer.from_config(opt.get_config())
-  for attr in ('momentum', 'use_nesterov', 'weight_decay', 'eeta',
-               'classic_momentum', 'exclude_from_weight_decay',
-               'exclude_from_layer_adaptation'):
+  for attr in ('momentum', 'weight_decay', 'eeta',
+               'exclude_from_weight_decay', 'exclude_from_layer_adaptation'):
     assert getattr(clone, attr) == getattr(opt, attr), attr
   lr = clone._get_hyper('learning_rate')
   assert isinstance(lr, lo.WarmUpAndCosineDecay)

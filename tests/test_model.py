@@ -35,7 +35,7 @@ def _images(b=4, views=1, seed=0):
 def _head_vars(model, prefix):
   """{path below the head: variable} from the checkpoint paths."""
   return {k[len(prefix) + 1:]: v
-          for k, v in checkpoints.variable_paths(model).items()
+          for k, v in model_lib.variable_paths(model).items()
           if k.startswith(prefix + '/')}
 
 
@@ -205,13 +205,13 @@ def test_no_lineareval_no_supervised_head():
   assert model.head_supervised is None
   assert projections.shape == (8, PROJ_OUT)
   assert not any(k.startswith('head_supervised')
-                 for k in checkpoints.variable_paths(model))
+                 for k in model_lib.variable_paths(model))
 
 
 def test_variable_paths_match_checkpoint(tmp_path):
   model = _model()
   model(_images(views=2), training=True)
-  paths = checkpoints.variable_paths(model)
+  paths = model_lib.variable_paths(model)
   prefixes = ('base_model/', 'head_contrastive/', 'head_supervised/')
   assert paths and all(k.startswith(prefixes) for k in paths)
   for prefix in prefixes:
@@ -265,7 +265,7 @@ def test_fine_tune_after_block_4_trains_only_head():
   trainable = model.trainable_variables
   assert len(trainable) == 2
   assert all('head_supervised' in v.name for v in trainable)
-  paths = checkpoints.variable_paths(model)
+  paths = model_lib.variable_paths(model)
   trainable_ids = {id(v) for v in trainable}
   assert {k for k, v in paths.items() if id(v) in trainable_ids} == {
       k for k in paths if k.startswith('head_supervised/')}
@@ -296,8 +296,8 @@ def _paired(encoder, model):
   """[(encoder var, model var, path)] for ResNet + projection head."""
   pairs = []
   for prefix in ('base_model', 'head_contrastive'):
-    own = checkpoints.variable_paths(getattr(encoder, prefix))
-    online = checkpoints.variable_paths(getattr(model, prefix))
+    own = model_lib.variable_paths(getattr(encoder, prefix))
+    online = model_lib.variable_paths(getattr(model, prefix))
     assert own.keys() == online.keys() and own
     pairs += [(own[k], online[k], f'{prefix}/{k}') for k in own]
   return pairs

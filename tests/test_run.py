@@ -1,21 +1,22 @@
-"""End to end through run.py on the embedded digits data, and bad input."""
+"""End to end through run.py (config → experiment → mode) on the embedded
+digits data, and bad input through the command-line path."""
 
 import json
 import os
 import subprocess
 import sys
 
-from absl import flags
 import numpy as np
 import pytest
 import tensorflow as tf
 
 import checkpoints
+import config as config_lib
 import data as data_lib
+import experiment as experiment_lib
 import run
 from conftest import two_replica_strategy
 
-FLAGS = flags.FLAGS
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 TINY = {
@@ -28,23 +29,19 @@ TINY = {
 BACKBONE_ONLY = '(?!global_step|(?:.*/|^)Momentum|head)'
 
 
-def set_flags(**overrides):
-  values = {**TINY, **overrides}
-  argv = ['run.py'] + [f'--{k}={v}' for k, v in values.items()]
-  FLAGS.unparse_flags()
-  FLAGS(argv)
+def argv(**overrides):
+  return [f'--{k}={v}' for k, v in {**TINY, **overrides}.items()]
 
 
 def run_flags(strategy=None, **overrides):
-  set_flags(**overrides)
-  return run.run(strategy=strategy)
+  return run.run(config_lib.from_argv(argv(**overrides)), strategy=strategy)
 
 
 def main_exit_message(**overrides):
-  """Runs run.main; returns the message it exits with (must exit)."""
-  set_flags(**overrides)
+  """Runs the command-line path; returns the message it exits with (must
+  exit)."""
   with pytest.raises(SystemExit) as exit_info:
-    run.main(['run.py'])
+    run.run_from_flags(config_lib.parse_argv(argv(**overrides)))
   assert exit_info.value.code not in (0, None)
   return str(exit_info.value.code)
 
@@ -128,7 +125,9 @@ def test_finetune_linear_eval_from_checkpoint_then_eval_and_export(
   images = data_lib.get_data_source('digits').arrays('test')[0][:5]
   images = tf.constant(images, tf.float32) / 255.0
   exported = serve(images=images)
-  model = run.build_model(10)
+  model = experiment_lib.build_model(config_lib.from_argv(argv(
+      model_dir=model_dir, train_mode='finetune', fine_tune_after_block=4)),
+                                     10)
   model(images, training=False)
   tf.train.Checkpoint(model=model).read(latest).expect_partial()
   expected = model.outputs_dict(images, training=False)
@@ -232,21 +231,3 @@ def test_command_line_exit_code(tmp_path):
   assert proc.returncode != 0
   assert '--fine_tune_after_block freezes blocks' in proc.stderr
   assert not os.path.exists(tmp_path / 'cli')
-
-
-@pytest.mark.parametrize('config', sorted(
-    f for f in os.listdir(os.path.join(REPO, 'configs')) if f.endswith('.cfg')))
-def test_configs_parse_and_validate(config, tmp_path):
-  FLAGS.unparse_flags()
-  FLAGS(['run.py', f'--flagfile={os.path.join(REPO, "configs", config)}',
-         f'--model_dir={tmp_path}'])
-  run.validate_flags()
-
-
-def test_every_flag_is_documented_in_readme():
-  with open(os.path.join(REPO, 'README.md')) as f:
-    readme = f.read()
-  defined = [flag.name for flag in FLAGS.get_flags_for_module(run)]
-  assert defined, 'found no run.py flags'
-  missing = [name for name in defined if f'`{name}`' not in readme]
-  assert not missing, f'flags missing from README.md: {missing}'

@@ -5,18 +5,17 @@ import os
 import subprocess
 import sys
 
-from absl import flags
-from absl.testing import flagsaver
 import numpy as np
 import pytest
 import tensorflow as tf
 
+import config as config_lib
 import data as data_lib
+import experiment as experiment_lib
 import objective as obj_lib
 import run
 import sogcl
 
-FLAGS = flags.FLAGS
 
 TAU = 0.5
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -57,8 +56,8 @@ def numpy_dcl(z1, z2, u_prev, tau, gamma, store):
 @pytest.mark.parametrize('store', ['sum', 'mean'])
 def test_loss_and_u_match_numpy_first_and_second_visit(store):
   num_examples, ids = 10, np.array([7, 2, 9, 4, 0])
-  objective = sogcl.SogCLR(temperature=TAU, gamma=0.8, dcl_u_store=store)
-  objective.build(num_examples, len(ids))
+  objective = sogcl.SogCLR(temperature=TAU, gamma=0.8, u_store=store)
+  objective.build(num_examples, len(ids), projection_dim=5)
   u_expected = np.zeros(num_examples)
   for step in range(2):
     z1, z2 = _views(seed=step, n=len(ids))
@@ -138,7 +137,7 @@ def test_sum_store_per_view_fixed_point(gamma):
   ids = np.array([1, 3, 4, 6])
   z1, _ = _views(seed=7, n=4)
   objective = sogcl.SogCLR(temperature=TAU, gamma=gamma)
-  objective.build(8, 4)
+  objective.build(8, 4, projection_dim=5)
   # Identical views: g_a = g_b = g, so each view's u → γ/(2γ−1)·g.
   metrics = _iterate(objective, z1, z1, ids, steps=200)
   result = sogcl.dynamic_contrastive_loss(
@@ -155,9 +154,9 @@ def test_sum_store_per_view_fixed_point(gamma):
 def test_mean_store_tends_to_batch_estimate():
   ids = np.array([0, 1, 2, 3])
   z1, z2 = _views(seed=8, n=4)
-  objective = sogcl.SogCLR(temperature=TAU, gamma=0.3, dcl_u_store='mean')
+  objective = sogcl.SogCLR(temperature=TAU, gamma=0.3, u_store='mean')
   objective.validate(4, 4)  # gamma <= 0.5 is fine with 'mean'.
-  objective.build(4, 4)
+  objective.build(4, 4, projection_dim=5)
   _iterate(objective, z1, z2, ids, steps=200)
   result = sogcl.dynamic_contrastive_loss(
       tf.constant(z1), tf.constant(z2), tf.zeros([4], tf.float64), TAU, 1.0)
@@ -170,7 +169,7 @@ def test_validate_rejects_what_cannot_work():
   with pytest.raises(ValueError, match='--dcl_u_store=sum with --gamma=0.5'):
     sogcl.SogCLR(gamma=0.5).validate(32, 100)
   with pytest.raises(ValueError, match=r'--gamma=0.0 must be in \(0, 1\]'):
-    sogcl.SogCLR(gamma=0.0, dcl_u_store='mean').validate(32, 100)
+    sogcl.SogCLR(gamma=0.0, u_store='mean').validate(32, 100)
   with pytest.raises(ValueError, match='--train_batch_size=64 exceeds'):
     sogcl.SogCLR().validate(64, 50)
   sogcl.SogCLR(gamma=0.9).validate(50, 50)
@@ -179,7 +178,7 @@ def test_validate_rejects_what_cannot_work():
 def test_duplicate_ids_read_the_same_u_and_store_the_mean():
   ids = np.array([3, 5, 3, 1])
   objective = sogcl.SogCLR(temperature=TAU, gamma=0.9)
-  objective.build(6, 4)
+  objective.build(6, 4, projection_dim=5)
   objective.u.assign([0.0, 2.0, 0.0, 4.0, 0.0, 6.0])
   z1, z2 = _views(seed=9, n=4)
   objective.loss(tf.constant(np.concatenate([z1, z2])),
@@ -200,9 +199,9 @@ def test_two_replicas_equal_one_replica(two_replicas):
              np.array([4, 5, 6, 7, 5, 9, 10, 2])]
   with strategy.scope():
     distributed = sogcl.SogCLR(temperature=TAU, gamma=0.8)
-    distributed.build(num_examples, 2 * b)
+    distributed.build(num_examples, 2 * b, projection_dim=5)
   single = sogcl.SogCLR(temperature=TAU, gamma=0.8)
-  single.build(num_examples, 2 * b)
+  single.build(num_examples, 2 * b, projection_dim=5)
 
   def replica_fn(projections, ids):
     with tf.GradientTape() as tape:
@@ -249,7 +248,7 @@ def test_two_replicas_equal_one_replica(two_replicas):
 
 def test_checkpoint_restores_u(tmp_path, two_replicas):
   objective = sogcl.SogCLR(temperature=TAU, gamma=0.9)
-  objective.build(10, 4)
+  objective.build(10, 4, projection_dim=5)
   for step, ids in enumerate(([1, 2, 3, 4], [4, 5, 6, 7])):
     z1, z2 = _views(seed=30 + step, n=4)
     objective.loss(tf.constant(np.concatenate([z1, z2]), tf.float32),
@@ -262,7 +261,7 @@ def test_checkpoint_restores_u(tmp_path, two_replicas):
   assert any('sogclr_u' in name for name in names)
 
   fresh = sogcl.SogCLR(temperature=TAU, gamma=0.9)
-  fresh.build(10, 4)
+  fresh.build(10, 4, projection_dim=5)
   assert np.count_nonzero(fresh.u.numpy()) == 0
   tf.train.Checkpoint(**fresh.checkpoint_items()).restore(
       path).assert_consumed()
@@ -270,20 +269,22 @@ def test_checkpoint_restores_u(tmp_path, two_replicas):
 
   with two_replicas.scope():
     mirrored = sogcl.SogCLR(temperature=TAU, gamma=0.9)
-    mirrored.build(10, 4)
+    mirrored.build(10, 4, projection_dim=5)
   tf.train.Checkpoint(**mirrored.checkpoint_items()).restore(
       path).assert_consumed()
   for copy in mirrored.u.values:
     np.testing.assert_array_equal(copy.numpy(), saved)
 
 
-def test_objective_is_registered_and_needs_ids():
+def test_objective_is_registered_and_reads_example_ids():
   cls = obj_lib.get_objective_class('sogclr')
   assert cls is sogcl.SogCLR
-  assert cls.needs_example_ids
-  assert cls.flag_names == ('temperature', 'hidden_norm', 'gamma',
-                            'dcl_u_store')
   assert cls().checkpoint_items() == {}
+  built = cls(temperature=TAU)
+  built.build(10, 4, projection_dim=5)
+  z1, z2 = _views(seed=10, n=4)
+  with pytest.raises(KeyError, match='id'):
+    built.loss(tf.constant(np.concatenate([z1, z2])), {})
 
 
 def test_digits_ids_cover_each_example_once_per_epoch():
@@ -351,12 +352,10 @@ def test_run_py_trains_sogclr_and_resumes_u(tmp_path):
 
 
 def _exit_message(argv):
-  """Runs run.main in-process on `argv`; returns its (non-zero) exit text."""
-  with flagsaver.flagsaver():
-    FLAGS.unparse_flags()
-    FLAGS(['run.py'] + argv)
-    with pytest.raises(SystemExit) as exit_info:
-      run.main(['run.py'])
+  """Runs the command-line path on `argv`; returns its (non-zero) exit
+  text."""
+  with pytest.raises(SystemExit) as exit_info:
+    run.run_from_flags(config_lib.parse_argv(argv))
   assert exit_info.value.code not in (0, None)
   return str(exit_info.value.code)
 
@@ -378,37 +377,31 @@ def test_run_py_rejects_contradicting_switches(tmp_path):
 
 @pytest.mark.parametrize('switch', ['--DCL_mode', '--GCL_mode', '--BI_mode'])
 def test_legacy_switch_selects_sogclr(switch, tmp_path):
-  with flagsaver.flagsaver():
-    FLAGS.unparse_flags()
-    FLAGS(['run.py', switch, f'--model_dir={tmp_path}'] + _COMMON)
-    run.validate_flags()
-    assert FLAGS.objective == 'sogclr'
-    FLAGS.unparse_flags()
-    FLAGS(['run.py', f'--model_dir={tmp_path}'] + _COMMON)
-    run.validate_flags()
-    assert FLAGS.objective == 'simclr'
+  cfg = config_lib.from_argv([switch, f'--model_dir={tmp_path}'] + _COMMON)
+  assert cfg.objective_name == 'sogclr'
+  assert cfg.objective == config_lib.SogCLRConfig()
+  cfg = config_lib.from_argv([f'--model_dir={tmp_path}'] + _COMMON)
+  assert cfg.objective_name == 'simclr'
 
 
 def test_num_classes_and_crop_area_min_reach_the_experiment(tmp_path):
-  with flagsaver.flagsaver():
-    FLAGS.unparse_flags()
-    FLAGS(['run.py', '--num_classes=12', '--crop_area_min=0.9',
-           f'--model_dir={tmp_path}', '--proj_out_dim=8'] + _COMMON)
-    run.validate_flags()
-    experiment = run.Experiment(tf.distribute.get_strategy())
-    assert experiment.num_classes == 12
-    kernel = experiment.model.supervised_head.trainable_variables[0]
-    assert kernel.shape[-1] == 12
-    seen = {}
-    original = data_lib.build_input_fn
+  cfg = config_lib.from_argv(['--num_classes=12', '--crop_area_min=0.9',
+                              f'--model_dir={tmp_path}',
+                              '--proj_out_dim=8'] + _COMMON)
+  experiment = experiment_lib.Experiment(cfg, tf.distribute.get_strategy())
+  assert experiment.data.num_classes == 12
+  kernel = experiment.model.supervised_head.trainable_variables[0]
+  assert kernel.shape[-1] == 12
+  seen = {}
+  original = data_lib.build_input_fn
 
-    def spy(*args, **kwargs):
-      seen.update(kwargs)
-      return original(*args, **kwargs)
+  def spy(*args, **kwargs):
+    seen.update(kwargs)
+    return original(*args, **kwargs)
 
-    data_lib.build_input_fn = spy
-    try:
-      experiment.train_input_fn(8)
-    finally:
-      data_lib.build_input_fn = original
-    assert seen['crop_area_min'] == 0.9
+  data_lib.build_input_fn = spy
+  try:
+    experiment.train_input_fn(8)
+  finally:
+    data_lib.build_input_fn = original
+  assert seen['crop_area_min'] == 0.9

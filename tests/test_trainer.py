@@ -107,7 +107,7 @@ def _run(strategy, global_bn, weights, arrays, optimizer_name='lars',
       strategy, model, optimizer, obj_lib.SimCLR(temperature=0.2), dataset,
       optimizer_name=optimizer_name, weight_decay=weight_decay)
   outputs = trainer.train(tf.constant(1))
-  paths = {id(v): k for k, v in checkpoints.variable_paths(model).items()}
+  paths = {id(v): k for k, v in model_lib.variable_paths(model).items()}
   slots = ([optimizer.get_slot(v, 'Momentum').numpy() for v in trainable]
            if optimizer_name == 'lars' else None)
   return trainer, {
@@ -269,35 +269,6 @@ def test_evaluator_known_predictions():
                                np.mean(labels != 5), rtol=1e-6)
 
 
-def test_format_duration():
-  assert trainer_lib.format_duration(3725) == '1h02m05s'
-  assert trainer_lib.format_duration(65) == '1m05s'
-  assert trainer_lib.format_duration(7) == '7s'
-  assert trainer_lib.format_duration(float('inf')) == '?'
-  assert trainer_lib.format_duration(float('nan')) == '?'
-
-
-def test_progress_logger_logs_speed_and_eta(monkeypatch):
-  step = tf.Variable(0, dtype=tf.int64)
-  logger = trainer_lib.ProgressLogger(step, total_steps=100,
-                                      global_batch_size=8)
-  clock = iter([1000.0, 1010.0])
-  monkeypatch.setattr(trainer_lib.time, 'time', lambda: next(clock))
-  messages = []
-  monkeypatch.setattr(trainer_lib.logging, 'info',
-                      lambda fmt, *args: messages.append(fmt % args))
-  logger.start()
-  step.assign(10)
-  logger({'train/loss': tf.constant(1.5)})
-  assert len(messages) == 1
-  # 10 steps in 10 s: 1 step/s, 8 images/s, 90 steps left -> 1m30s.
-  assert 'step 10/100' in messages[0]
-  assert 'loss 1.5000' in messages[0]
-  assert '1.00 steps/s' in messages[0]
-  assert '8.0 images/s' in messages[0]
-  assert 'ETA 1m30s' in messages[0]
-
-
 def test_momentum_encoder_gets_keys_and_ema_update_after_step():
   """Trainer with a momentum encoder (FNC memory mode): the objective gets
   the encoder's keys, and after the optimizer step w_ema ← d·w_ema +
@@ -311,8 +282,8 @@ def test_momentum_encoder_gets_keys_and_ema_update_after_step():
     encoder(tf.zeros([1, SIZE, SIZE, 6]), training=False)
     optimizer = lars_optimizer.build_optimizer('lars', LR, weight_decay=WD)
     objective = fnc.FNC(temperature=0.2, support_size=0, memory_multiplier=2,
-                        moving_average_decay=0.5, fn_topk=1, projection_dim=16)
-    objective.build(100, 2 * B)
+                        momentum_decay=0.5, topk=1)
+    objective.build(100, 2 * B, projection_dim=16)
   encoder.copy_from(model)
   seen = {}
   loss_fn = objective.loss

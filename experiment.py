@@ -1,0 +1,433 @@
+"""An experiment assembled from an `config.ExperimentConfig` and a strategy.
+
+`Experiment(config, strategy)` calls small builders, each usable on its own
+(and in tests) without absl flags:
+
+  build_data        the data source, example counts and number of classes
+  build_objective   the registered objective (validated), pretraining only
+  plan_steps        train steps, epoch, checkpoint and host-loop lengths
+  build_model       ResNet + heads (and the momentum encoder when needed)
+  build_optimizer   LARS / momentum / Adam with warm-up + cosine decay
+
+and then owns what they make: the checkpoint (model, optimizer and every
+piece of objective state), the orbit controller with its train actions
+(progress line, kNN monitor, the objective's own), and train / evaluate /
+export / preview.
+"""
+
+import math
+import os
+from typing import NamedTuple, Optional
+
+from absl import logging
+import orbit
+import tensorflow as tf
+
+import actions
+import checkpoints
+import config as config_lib
+import data as data_lib
+import data_util
+import evaluate
+import features
+import lars_optimizer
+import model as model_lib
+import objective as obj_lib
+import fnc  # noqa: F401  (registers fnc)
+import ifnd  # noqa: F401  (registers ifnd)
+import pictures
+import sogcl  # noqa: F401  (registers sogclr)
+import trainer as trainer_lib
+
+ConfigError = config_lib.ConfigError
+
+
+class ExperimentData(NamedTuple):
+  source: data_lib.DataSource
+  num_train_examples: int
+  num_eval_examples: Optional[int]  # None when nothing evaluates
+  num_classes: int
+
+
+class StepPlan(NamedTuple):
+  train_steps: int
+  epoch_steps: int
+  checkpoint_steps: int
+  steps_per_loop: int
+  knn_eval_steps: int  # 0: no kNN monitor
+
+
+def build_data(cfg):
+  """The data source of `cfg.data` and its counts; ConfigError if unusable."""
+  data = cfg.data
+  needs_eval = cfg.mode != 'train' or cfg.evaluation.knn_eval_epochs > 0
+  try:
+    source = data_lib.get_data_source(
+        data.dataset, data_dir=data.data_dir, train_split=data.train_split,
+        eval_split=data.eval_split if needs_eval else None,
+        skip_corrupt_images=data.skip_corrupt_images)
+    if data.train_subset:
+      source = data_lib.apply_subset(source, data.train_split,
+                                     data_lib.read_key_list(data.train_subset))
+    num_train = source.num_examples(data.train_split)
+    num_eval = (source.num_examples(data.eval_split)
+                if cfg.mode != 'train' else None)
+  except (ValueError, FileNotFoundError, KeyError) as e:
+    raise ConfigError(str(e)) from e
+  num_classes = cfg.model.num_classes or source.num_classes
+  if num_classes < source.num_classes:
+    raise ConfigError(f'--num_classes={cfg.model.num_classes} is smaller '
+                      f'than the {source.num_classes} classes of '
+                      f'--dataset={data.dataset}.')
+  if cfg.mode != 'eval' and data.train_batch_size > num_train:
+    raise ConfigError(f'--train_batch_size={data.train_batch_size} exceeds '
+                      f'the {num_train} examples of '
+                      f'--train_split={data.train_split}.')
+  return ExperimentData(source, num_train, num_eval, num_classes)
+
+
+def build_objective(cfg, num_train_examples):
+  """The validated objective of a pretraining run (None when fine-tuning)."""
+  if cfg.train_mode != 'pretrain':
+    return None
+  try:
+    cls = obj_lib.get_objective_class(cfg.objective_name)
+    objective = cls.from_config(cfg.objective)
+    objective.validate(cfg.data.train_batch_size, num_train_examples)
+  except ValueError as e:
+    raise ConfigError(str(e)) from e
+  return objective
+
+
+def plan_steps(cfg, num_train_examples, objective=None):
+  """Step arithmetic (SPEC §5): train steps, and host loops that end on
+  every checkpoint, summary, kNN and objective-action step."""
+  schedule, batch = cfg.schedule, cfg.data.train_batch_size
+  train_steps = lars_optimizer.get_train_steps(
+      num_train_examples, schedule.train_epochs, batch, schedule.train_steps)
+  epoch_steps = max(1, int(round(num_train_examples / batch)))
+  checkpoint_steps = (cfg.checkpoint.checkpoint_steps or
+                      max(1, cfg.checkpoint.checkpoint_epochs * epoch_steps))
+  steps_per_loop = schedule.steps_per_loop or checkpoint_steps
+  if schedule.train_summary_steps and not schedule.steps_per_loop:
+    steps_per_loop = math.gcd(checkpoint_steps, schedule.train_summary_steps)
+  knn_epochs = cfg.evaluation.knn_eval_epochs
+  periods = [(knn_epochs * epoch_steps, f'--knn_eval_epochs={knn_epochs}')]
+  if objective is not None:
+    periods.append((objective.action_period_steps(epoch_steps),
+                    f'--objective={cfg.objective_name}'))
+  for period, what in periods:
+    if not period:
+      continue
+    if not schedule.steps_per_loop:
+      steps_per_loop = math.gcd(steps_per_loop, period)
+    elif period % schedule.steps_per_loop:
+      raise ConfigError(f'{what} acts every {period} steps, not a multiple '
+                        f'of --steps_per_loop={schedule.steps_per_loop}.')
+  return StepPlan(train_steps=train_steps, epoch_steps=epoch_steps,
+                  checkpoint_steps=checkpoint_steps,
+                  steps_per_loop=steps_per_loop,
+                  knn_eval_steps=knn_epochs * epoch_steps)
+
+
+def build_model(cfg, num_classes):
+  """`model.Model` of `cfg.model` (call inside the strategy scope)."""
+  m = cfg.model
+  return model_lib.Model(
+      num_classes, resnet_depth=m.resnet_depth,
+      width_multiplier=m.width_multiplier,
+      cifar_stem=cfg.data.image_size <= 32, sk_ratio=m.sk_ratio,
+      se_ratio=m.se_ratio, proj_head_mode=m.proj_head_mode,
+      proj_out_dim=m.proj_out_dim, num_proj_layers=m.num_proj_layers,
+      ft_proj_selector=m.ft_proj_selector, train_mode=cfg.train_mode,
+      lineareval_while_pretraining=m.lineareval_while_pretraining,
+      fine_tune_after_block=m.fine_tune_after_block,
+      batch_norm_decay=m.batch_norm_decay, global_bn=m.global_bn)
+
+
+def build_optimizer(cfg, num_train_examples, train_steps):
+  schedule = lars_optimizer.WarmUpAndCosineDecay(
+      cfg.schedule.learning_rate, num_train_examples,
+      cfg.data.train_batch_size, warmup_epochs=cfg.schedule.warmup_epochs,
+      total_steps=train_steps,
+      learning_rate_scaling=cfg.schedule.learning_rate_scaling)
+  return lars_optimizer.build_optimizer(
+      cfg.optimizer.name, schedule, momentum=cfg.optimizer.momentum,
+      weight_decay=cfg.optimizer.weight_decay)
+
+
+def check_replicas(cfg, strategy):
+  replicas = strategy.num_replicas_in_sync
+  for name in ('train_batch_size', 'eval_batch_size'):
+    value = getattr(cfg.data, name)
+    if value % replicas:
+      raise ConfigError(f'--{name}={value} is not divisible by the '
+                        f'{replicas} replicas.')
+
+
+class Experiment:
+  """Everything a run needs, built from `cfg`, ready for train / eval."""
+
+  def __init__(self, cfg, strategy):
+    self.config = cfg
+    self.strategy = strategy
+    check_replicas(cfg, strategy)
+    self.data = build_data(cfg)
+    self.objective = build_objective(cfg, self.data.num_train_examples)
+    self.num_views = self.objective.num_views if self.objective else 1
+    self.steps = plan_steps(cfg, self.data.num_train_examples, self.objective)
+    size = cfg.data.image_size
+    dummy = tf.zeros([1, size, size, 3 * self.num_views])
+    with strategy.scope():
+      self.model = build_model(cfg, self.data.num_classes)
+      projections, _ = self.model(dummy, training=False)
+      self.momentum_encoder = None
+      if self.objective is not None and self.objective.uses_momentum_encoder:
+        self.momentum_encoder = self.model.make_momentum_encoder()
+        self.momentum_encoder(dummy, training=False)
+      self.optimizer = build_optimizer(cfg, self.data.num_train_examples,
+                                       self.steps.train_steps)
+      state = {}
+      if self.objective is not None:
+        self.objective.build(
+            self.data.num_train_examples, cfg.data.train_batch_size,
+            None if projections is None else int(projections.shape[-1]))
+        state = dict(self.objective.checkpoint_items())
+      if self.momentum_encoder is not None:
+        state['momentum_encoder'] = self.momentum_encoder
+      self.checkpoint = tf.train.Checkpoint(
+          model=self.model, optimizer=self.optimizer, **state)
+    self.global_step = self.optimizer.iterations
+    self.checkpoint_manager = self._checkpoint_manager()
+    self.actions = []  # the train actions of the last controller
+
+  # --- Checkpoints. ---
+
+  def _checkpoint_manager(self):
+    """The manager of model_dir, after checking that what it holds (or the
+    warm-start checkpoint) fits the model."""
+    ckpt = self.config.checkpoint
+    latest = tf.train.latest_checkpoint(ckpt.model_dir)
+    try:
+      if latest:
+        checkpoints.check_resume_fits(self.model, latest)
+      elif ckpt.checkpoint:
+        checkpoints.check_warm_start_fits(
+            self.model, checkpoints.resolve_checkpoint_path(ckpt.checkpoint),
+            ckpt.variable_schema)
+    except checkpoints.CheckpointMismatchError as e:
+      raise ConfigError(str(e)) from e
+    if not latest and self.config.mode == 'eval':
+      logging.info('No checkpoint in %s yet; eval waits for one.',
+                   ckpt.model_dir)
+    return tf.train.CheckpointManager(
+        self.checkpoint, directory=ckpt.model_dir,
+        max_to_keep=ckpt.keep_checkpoint_max, step_counter=self.global_step,
+        checkpoint_interval=self.steps.checkpoint_steps,
+        init_fn=self.initialize_new_run)
+
+  def initialize_new_run(self):
+    """Warm start and head zeroing, for a run with no checkpoint yet."""
+    ckpt = self.config.checkpoint
+    if ckpt.checkpoint:
+      checkpoints.warm_start(
+          self.model, checkpoints.resolve_checkpoint_path(ckpt.checkpoint),
+          ckpt.variable_schema)
+    if (self.config.model.zero_init_logits_layer and
+        self.model.supervised_head is not None):
+      for variable in self.model.supervised_head.trainable_variables:
+        variable.assign(tf.zeros_like(variable))
+      logging.info('Zero-initialised the supervised head.')
+    if self.momentum_encoder is not None:
+      # After the warm start: the EMA twin starts equal to the online net.
+      self.momentum_encoder.copy_from(self.model)
+      logging.info('Momentum encoder initialised from the model.')
+
+  # --- Data. ---
+
+  def randaugment(self):
+    """Model Garden RandAugment (n=2, m=7) when on, else None.
+
+    Its translate (100 px) and cutout (40 px) constants are meant for
+    224-pixel images; they are scaled by image_size/224 (e.g. 14 and 6 px at
+    32), so that a view keeps the same fraction of the image as in FNC.
+    """
+    use = self.config.data.use_randaugment
+    if self.objective is None:
+      return None
+    if use is None:
+      use = self.objective.default_randaugment
+    if not use:
+      return None
+    scale = self.config.data.image_size / 224.0
+    return data_util.make_randaugment(
+        2, 7, translate_const=max(1, round(100 * scale)),
+        cutout_const=max(1, round(40 * scale)))
+
+  def train_input_fn(self, batch_size):
+    """Augmented training batches of train_split (`num_views` views)."""
+    data = self.config.data
+    return data_lib.build_input_fn(
+        self.data.source, data.train_split, batch_size, is_training=True,
+        image_size=data.image_size, num_views=self.num_views,
+        train_mode=self.config.train_mode,
+        color_jitter_strength=data.color_jitter_strength,
+        use_blur=data.use_blur, cache_dataset=data.cache_dataset,
+        crop_area_min=data.crop_area_min, seed=data.seed,
+        randaugment=self.randaugment())
+
+  def pass_dataset_fn(self, split):
+    """() -> one distributed pass over `split` (eval preprocessing, padded
+    to whole global batches; consumers drop the rows with id −1)."""
+    data = self.config.data
+    return features.pass_dataset_fn(self.strategy, self.data.source, split,
+                                    data.eval_batch_size, data.image_size)
+
+  def preview_batch(self):
+    """One batch of (at most 8) augmented training images."""
+    input_fn = self.train_input_fn(min(8, self.config.data.train_batch_size))
+    return next(iter(input_fn(None)))['image']
+
+  # --- Train actions and controller. ---
+
+  def train_actions(self):
+    """Progress line, kNN monitor (--knn_eval_epochs) and the objective's
+    own actions, in that order."""
+    cfg, steps = self.config, self.steps
+    train_actions = [actions.ProgressLogger(
+        self.global_step, steps.train_steps, cfg.data.train_batch_size)]
+    model_dir = cfg.checkpoint.model_dir
+    if steps.knn_eval_steps:
+      train_actions.append(evaluate.KnnMonitor(
+          self.model, self.global_step,
+          self.pass_dataset_fn(cfg.data.train_split),
+          self.pass_dataset_fn(cfg.data.eval_split), steps.knn_eval_steps,
+          steps_per_epoch=steps.epoch_steps, k=cfg.evaluation.knn_k,
+          temperature=cfg.evaluation.knn_temperature,
+          num_classes=self.data.num_classes, strategy=self.strategy,
+          history_path=os.path.join(model_dir, 'knn_monitor.json'),
+          summary_dir=os.path.join(model_dir, 'knn')))
+    if self.objective is not None:
+      train_actions.extend(self.objective.train_actions(self.train_context()))
+    return train_actions
+
+  def train_context(self):
+    """What the objective's train actions may use (objective.TrainContext)."""
+    if self.momentum_encoder is not None:
+      key_encoder = tf.function(
+          lambda images: self.momentum_encoder(images, training=False))
+    else:
+      key_encoder = tf.function(
+          lambda images: self.model(images, training=False)[0])
+    return obj_lib.TrainContext(
+        strategy=self.strategy, global_step=self.global_step,
+        train_steps=self.steps.train_steps,
+        steps_per_epoch=self.steps.epoch_steps, key_encoder=key_encoder,
+        train_pass=self.pass_dataset_fn(self.config.data.train_split),
+        model_dir=self.config.checkpoint.model_dir)
+
+  def controller(self, with_trainer, with_evaluator):
+    cfg = self.config
+    trainer = evaluator = None
+    train_actions = []
+    if with_trainer:
+      trainer = trainer_lib.Trainer(
+          self.strategy, self.model, self.optimizer, self.objective,
+          self.strategy.distribute_datasets_from_function(
+              self.train_input_fn(cfg.data.train_batch_size)),
+          train_mode=cfg.train_mode, optimizer_name=cfg.optimizer.name,
+          weight_decay=cfg.optimizer.weight_decay,
+          momentum_encoder=self.momentum_encoder)
+      train_actions = self.train_actions()
+    self.actions = train_actions
+    if with_evaluator:
+      evaluator = trainer_lib.Evaluator(
+          self.strategy, self.model,
+          self.pass_dataset_fn(cfg.data.eval_split)(), self.data.num_classes,
+          optimizer_name=cfg.optimizer.name,
+          weight_decay=cfg.optimizer.weight_decay)
+    summary_steps = cfg.schedule.train_summary_steps
+    model_dir = cfg.checkpoint.model_dir
+    eval_name = cfg.evaluation.eval_name
+    return orbit.Controller(
+        strategy=self.strategy, trainer=trainer, evaluator=evaluator,
+        global_step=self.global_step,
+        steps_per_loop=self.steps.steps_per_loop if with_trainer else None,
+        checkpoint_manager=self.checkpoint_manager,
+        summary_dir=(model_dir if summary_steps != 0 and with_trainer
+                     else None),
+        summary_interval=summary_steps or None,
+        eval_summary_dir=os.path.join(
+            model_dir, 'eval_' + eval_name if eval_name else 'eval'),
+        train_actions=train_actions)
+
+  # --- Modes. ---
+
+  def train(self, controller):
+    """Trains up to train_steps (from the last checkpoint), then exports."""
+    cfg = self.config
+    step = int(self.global_step.numpy())
+    if step >= self.steps.train_steps:
+      logging.info('model_dir already holds step %d ≥ train_steps %d.',
+                   step, self.steps.train_steps)
+      return
+    if cfg.schedule.train_summary_steps != 0:
+      pictures.summarize_view_grid(self.preview_batch(), self.num_views,
+                                   cfg.checkpoint.model_dir, step)
+    logging.info('Training %s (%s) from step %d to %d: %d examples, global '
+                 'batch %d, %d replica(s).', cfg.objective_name,
+                 cfg.train_mode, step, self.steps.train_steps,
+                 self.data.num_train_examples, cfg.data.train_batch_size,
+                 self.strategy.num_replicas_in_sync)
+    # Last to start: the progress clock, after any work due at start (a
+    # stale IFND re-clustering).
+    for action in reversed(self.actions):
+      if hasattr(action, 'start'):
+        action.start()
+    try:
+      controller.train(steps=self.steps.train_steps)
+    except tf.errors.InvalidArgumentError as e:
+      split = cfg.data.train_split
+      unreadable = self.data.source.find_unreadable(split)
+      if unreadable:
+        raise ConfigError(
+            f'{len(unreadable)} unreadable image(s) in --train_split='
+            f'{split}: {", ".join(unreadable[:10])}. Remove or replace '
+            'them, or pass --skip_corrupt_images to skip them.') from e
+      raise
+    self.export()
+
+  def export(self):
+    ckpt = self.config.checkpoint
+    return checkpoints.export_saved_model(
+        self.model, ckpt.model_dir, int(self.global_step.numpy()),
+        ckpt.keep_hub_module_max)
+
+  def evaluate(self, controller):
+    """Evaluates the current weights; writes result.json, result_<step>.json
+    and flags.json."""
+    cfg = self.config
+    outputs = controller.evaluate(steps=cfg.evaluation.eval_steps or -1)
+    step = int(self.global_step.numpy())
+    result = {k: float(v) for k, v in outputs.items()}
+    result['global_step'] = step
+    logging.info('Eval at step %d: %s', step, result)
+    model_dir = cfg.checkpoint.model_dir
+    for name in ('result.json', f'result_{step}.json'):
+      checkpoints.write_json(os.path.join(model_dir, name), result)
+    checkpoints.write_json(os.path.join(model_dir, 'flags.json'),
+                           cfg.flag_values or cfg.to_json())
+    print(f'Eval at step {step}: top-1 accuracy '
+          f'{result["label_top_1_accuracy"]:.4f}, top-5 accuracy '
+          f'{result["label_top_5_accuracy"]:.4f} '
+          f'({int(result["num_examples"])} examples of '
+          f'{cfg.data.eval_split}).')
+    return result
+
+  def preview(self):
+    """model_dir/preview.png: augmented training views, one row per image."""
+    path = os.path.join(self.config.checkpoint.model_dir, 'preview.png')
+    pictures.save_view_grid(self.preview_batch(), self.num_views, path)
+    print(f'Wrote {path} (one row per image, its {self.num_views} '
+          'augmented views side by side).')
+    return path

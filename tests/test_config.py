@@ -1,0 +1,138 @@
+"""config.py: flags → one typed, immutable ExperimentConfig; validation."""
+
+import dataclasses
+import json
+import os
+
+import pytest
+
+import config as config_lib
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_from_argv_builds_typed_sections_and_leaves_global_flags_alone(
+    tmp_path):
+  cfg = config_lib.from_argv([
+      '--dataset=digits', f'--model_dir={tmp_path}', '--objective=fnc',
+      '--fn_topk=3', '--moving_average_decay=0.5', '--optimizer=adam',
+      '--train_batch_size=64', '--resnet_depth=18', '--knn_eval_epochs=2',
+      '--distribution_strategy=one_device'])
+  assert cfg.objective_name == 'fnc'
+  assert cfg.objective == config_lib.FNCConfig(topk=3, momentum_decay=0.5)
+  assert cfg.data.dataset == 'digits' and cfg.data.train_batch_size == 64
+  assert cfg.model.resnet_depth == 18
+  assert cfg.optimizer.name == 'adam'
+  assert cfg.evaluation.knn_eval_epochs == 2
+  assert cfg.distribution.strategy == 'one_device'
+  assert cfg.model_dir == str(tmp_path)
+  assert cfg.flag_values['fn_topk'] == 3
+  with pytest.raises(dataclasses.FrozenInstanceError):
+    cfg.data.image_size = 32
+  # The process-wide FLAGS were not parsed or changed.
+  assert not config_lib.FLAGS.is_parsed() or config_lib.FLAGS.fn_topk == 10
+
+
+def test_section_defaults_are_the_flag_defaults():
+  """A dataclass built without flags means what the command line means."""
+  flag_values = config_lib.new_flag_values()
+  renames = {('OptimizerConfig', 'name'): 'optimizer',
+             ('DistributionConfig', 'strategy'): 'distribution_strategy'}
+  checked = 0
+  for cls in (config_lib.DataConfig, config_lib.ModelConfig,
+              config_lib.OptimizerConfig, config_lib.ScheduleConfig,
+              config_lib.CheckpointConfig, config_lib.EvalConfig,
+              config_lib.DistributionConfig):
+    for field in dataclasses.fields(cls):
+      name = renames.get((cls.__name__, field.name), field.name)
+      assert flag_values[name].default == field.default, (cls, field.name)
+      checked += 1
+  assert checked > 50
+
+
+@pytest.mark.parametrize('objective, cls, flag_args, expected', [
+    ('simclr', config_lib.SimCLRConfig, ['--temperature=0.2'],
+     dict(temperature=0.2)),
+    ('sogclr', config_lib.SogCLRConfig, ['--gamma=0.9', '--dcl_u_store=mean'],
+     dict(gamma=0.9, u_store='mean')),
+    ('fnc', config_lib.FNCConfig, ['--support_size=2', '--fn_threshold=0.5',
+                                   '--fn_strategy=elimination'],
+     dict(support_size=2, threshold=0.5, strategy='elimination')),
+    ('ifnd', config_lib.IFNDConfig,
+     ['--ifnd_num_clusters=4,8', '--ifnd_acceptance=constant',
+      '--ifnd_acceptance_rate=0.3', '--ifnd_acceptance_stages=3',
+      '--seed=7', '--ifnd_strategy=attraction'],
+     dict(num_clusters=(4, 8), acceptance_schedule='constant',
+          constant_rate=0.3, step_stages=3, seed=7, strategy='attraction')),
+])
+def test_objective_configs_take_their_own_names(tmp_path, objective, cls,
+                                                flag_args, expected):
+  cfg = config_lib.from_argv([f'--model_dir={tmp_path}',
+                              f'--objective={objective}'] + flag_args)
+  assert cfg.objective == cls(**expected)
+
+
+def test_unset_memory_multiplier_is_the_objectives_default(tmp_path):
+  common = [f'--model_dir={tmp_path}']
+  fnc = config_lib.from_argv(common + ['--objective=fnc'])
+  ifnd = config_lib.from_argv(common + ['--objective=ifnd'])
+  assert fnc.objective.memory_multiplier == 16
+  assert ifnd.objective.memory_multiplier == 0
+  assert ifnd.objective.seed == 0  # unset --seed
+  given = config_lib.from_argv(common + ['--objective=fnc',
+                                         '--memory_multiplier=0'])
+  assert given.objective.memory_multiplier == 0
+
+
+def test_parse_num_clusters():
+  assert config_lib.parse_num_clusters('10,30,100') == (10, 30, 100)
+  assert config_lib.parse_num_clusters(['100', '300']) == (100, 300)
+  with pytest.raises(ValueError, match='comma-separated list of integers'):
+    config_lib.parse_num_clusters('ten')
+
+
+@pytest.mark.parametrize('args, expected', [
+    (['--ifnd_num_clusters=ten', '--objective=ifnd'],
+     'comma-separated list of integers'),
+    (['--objective=nope'], "Unknown --objective='nope'; available: fnc, ifnd"),
+    (['--fine_tune_after_block=2'], '--fine_tune_after_block freezes blocks'),
+    (['--width_multiplier=0'], '--width_multiplier must be positive'),
+])
+def test_validation_names_the_flags(tmp_path, args, expected):
+  with pytest.raises(config_lib.ConfigError, match='invalid flags') as info:
+    config_lib.from_argv([f'--model_dir={tmp_path}'] + args)
+  assert expected in str(info.value)
+
+
+def test_model_dir_is_required():
+  with pytest.raises(config_lib.ConfigError, match='--model_dir is required'):
+    config_lib.from_argv(['--dataset=digits'])
+
+
+def test_to_json_is_the_whole_config(tmp_path):
+  cfg = config_lib.from_argv([f'--model_dir={tmp_path}', '--objective=ifnd'])
+  values = json.loads(json.dumps(cfg.to_json()))
+  assert values['objective']['num_clusters'] == [10, 30, 100]
+  assert values['checkpoint']['model_dir'] == str(tmp_path)
+  assert 'flag_values' not in values
+
+
+@pytest.mark.parametrize('config', sorted(
+    f for f in os.listdir(os.path.join(REPO, 'configs')) if f.endswith('.cfg')))
+def test_configs_parse_and_validate(config, tmp_path):
+  cfg = config_lib.from_argv([
+      f'--flagfile={os.path.join(REPO, "configs", config)}',
+      f'--model_dir={tmp_path}'])
+  assert cfg.objective_name in config_lib.OBJECTIVE_CONFIGS
+
+
+def test_every_flag_is_documented_in_readme():
+  with open(os.path.join(REPO, 'README.md')) as f:
+    readme = f.read()
+  flag_values = config_lib.new_flag_values()
+  config_lib.define_feature_eval_flags(flag_values)
+  defined = [flag.name for flag in
+             flag_values.get_flags_for_module(config_lib)]
+  assert len(defined) >= 90, 'found too few flags'
+  missing = [name for name in defined if f'`{name}`' not in readme]
+  assert not missing, f'flags missing from README.md: {missing}'

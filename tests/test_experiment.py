@@ -1,0 +1,189 @@
+"""experiment.py: the builders (no absl flags anywhere) and an Experiment
+assembled from a config, including a toy objective registered here by
+following the README's "How to add an objective"."""
+
+import dataclasses
+import os
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import config as config_lib
+import experiment as experiment_lib
+import objective as obj_lib
+import run
+
+TINY = config_lib.ExperimentConfig(
+    data=config_lib.DataConfig(dataset='digits', eval_split='test',
+                               image_size=16, train_batch_size=32,
+                               eval_batch_size=64, use_blur=False, seed=0),
+    model=config_lib.ModelConfig(resnet_depth=18, width_multiplier=0.125,
+                                 proj_out_dim=8),
+    schedule=config_lib.ScheduleConfig(learning_rate=0.5, warmup_epochs=0,
+                                       train_steps=2,
+                                       train_summary_steps=0),
+    checkpoint=config_lib.CheckpointConfig(checkpoint_steps=2))
+
+
+def tiny(model_dir=None, **sections):
+  """TINY with `model_dir` and whole sections or top-level fields replaced;
+  `schedule={'train_steps': 3}` style dicts replace fields of a section."""
+  cfg = TINY
+  for name, value in sections.items():
+    if isinstance(value, dict):
+      value = dataclasses.replace(getattr(cfg, name), **value)
+    cfg = dataclasses.replace(cfg, **{name: value})
+  if model_dir is not None:
+    cfg = dataclasses.replace(cfg, checkpoint=dataclasses.replace(
+        cfg.checkpoint, model_dir=str(model_dir)))
+  return cfg
+
+
+# ------------------------------------------------------------ step plan
+
+
+class _Periodic:
+  """An objective stand-in with a host-side action every 3 epochs."""
+
+  def action_period_steps(self, steps_per_epoch):
+    return 3 * steps_per_epoch
+
+
+def test_plan_steps_stops_exactly_and_loops_end_on_every_period():
+  cfg = tiny(schedule={'train_steps': 0, 'train_epochs': 10},
+             checkpoint={'checkpoint_steps': 0, 'checkpoint_epochs': 2},
+             evaluation={'knn_eval_epochs': 5})
+  plan = experiment_lib.plan_steps(cfg, num_train_examples=1000,
+                                   objective=_Periodic())
+  assert plan.train_steps == 1000 * 10 // 32 + 1   # SPEC §5
+  assert plan.epoch_steps == round(1000 / 32) == 31
+  assert plan.checkpoint_steps == 62
+  assert plan.knn_eval_steps == 155
+  # gcd(62, 155, 93) = 31: every checkpoint, kNN and action step ends a loop.
+  assert plan.steps_per_loop == 31
+
+
+def test_plan_steps_checks_a_given_steps_per_loop():
+  cfg = tiny(schedule={'steps_per_loop': 4},
+             evaluation={'knn_eval_epochs': 1})
+  with pytest.raises(config_lib.ConfigError,
+                     match='--knn_eval_epochs=1 acts every 31 steps, not a '
+                           'multiple of --steps_per_loop=4'):
+    experiment_lib.plan_steps(cfg, 1000)
+  summaries = tiny(schedule={'train_summary_steps': 3},
+                   checkpoint={'checkpoint_steps': 12})
+  assert experiment_lib.plan_steps(summaries, 1000).steps_per_loop == 3
+
+
+def test_build_data_errors_name_the_flags(tmp_path):
+  with pytest.raises(config_lib.ConfigError, match='exceeds the 1437'):
+    experiment_lib.build_data(tiny(tmp_path, data={'train_batch_size': 2048}))
+  with pytest.raises(config_lib.ConfigError, match='--num_classes=3 is smaller'):
+    experiment_lib.build_data(tiny(tmp_path, model={'num_classes': 3}))
+  data = experiment_lib.build_data(tiny(tmp_path, mode='train_then_eval'))
+  assert (data.num_train_examples, data.num_eval_examples,
+          data.num_classes) == (1437, 360, 10)
+
+
+def test_finetuning_has_no_objective_and_one_view(tmp_path):
+  cfg = tiny(tmp_path, train_mode='finetune')
+  assert experiment_lib.build_objective(cfg, 1437) is None
+  experiment = experiment_lib.Experiment(cfg, tf.distribute.get_strategy())
+  assert experiment.num_views == 1 and experiment.randaugment() is None
+
+
+def test_batch_not_divisible_by_replicas(tmp_path, two_replicas):
+  cfg = tiny(tmp_path, data={'train_batch_size': 33})
+  with pytest.raises(config_lib.ConfigError,
+                     match='--train_batch_size=33 is not divisible by the 2'):
+    experiment_lib.Experiment(cfg, two_replicas)
+
+
+# ------------------------------------- a toy objective (README recipe)
+
+
+@dataclasses.dataclass(frozen=True)
+class ToyInfoNCEConfig:
+  """Its fields are the objective's constructor arguments."""
+  temperature: float = 0.2
+  hidden_norm: bool = True
+
+
+@obj_lib.register('toy_infonce')
+class ToyInfoNCE(obj_lib.Objective):
+  """One-directional InfoNCE: view-1 anchors against the view-2 rows of the
+  global batch, loss = mean_k CE(onehot(i), z1_k Z2ᵀ/τ)."""
+  metric_names = ('contrast_loss',)
+
+  def contrast(self, views, batch, keys):
+    del batch, keys
+    z1, z2 = obj_lib.split_views(views, 2)
+    logits = tf.matmul(z1, obj_lib.cross_replica_concat(z2),
+                       transpose_b=True) / self.temperature
+    labels = obj_lib.global_row_indices(tf.shape(z1)[0])
+    loss = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(
+        labels=labels, logits=logits))
+    return loss, {'contrast_loss': loss}
+
+
+def _numpy_infonce(z1, z2, temperature):
+  z1 = z1 / np.linalg.norm(z1, axis=1, keepdims=True)
+  z2 = z2 / np.linalg.norm(z2, axis=1, keepdims=True)
+  logits = z1 @ z2.T / temperature
+  logits -= logits.max(axis=1, keepdims=True)
+  log_prob = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
+  return -np.mean(np.diag(log_prob))
+
+
+def test_toy_objective_loss_matches_numpy_on_two_replicas(two_replicas):
+  objective = ToyInfoNCE.from_config(ToyInfoNCEConfig())
+  rng = np.random.default_rng(0)
+  z1, z2 = rng.normal(size=(8, 5)), rng.normal(size=(8, 5))
+  expected = _numpy_infonce(z1, z2, 0.2)
+
+  def replica_fn(z1_local, z2_local):
+    return objective.loss(tf.concat([z1_local, z2_local], 0), {})[0]
+
+  inputs = two_replicas.experimental_distribute_values_from_function(
+      lambda ctx: tuple(tf.constant(z[4 * ctx.replica_id_in_sync_group:][:4])
+                        for z in (z1, z2)))
+  losses = two_replicas.experimental_local_results(
+      two_replicas.run(replica_fn, args=inputs))
+  # Each replica's loss is the mean over its anchors: their mean is the
+  # global loss.
+  np.testing.assert_allclose(np.mean([l.numpy() for l in losses]), expected,
+                             rtol=1e-5)
+
+
+def test_toy_objective_trains_two_steps_through_an_experiment(tmp_path):
+  cfg = tiny(tmp_path, objective_name='toy_infonce',
+             objective=ToyInfoNCEConfig(temperature=0.5))
+  experiment = experiment_lib.Experiment(cfg, tf.distribute.get_strategy())
+  assert isinstance(experiment.objective, ToyInfoNCE)
+  assert experiment.objective.temperature == 0.5
+  assert experiment.num_views == 2
+  outputs = []  # what orbit hands the train actions after each host loop
+  standard_actions = experiment.train_actions
+  experiment.train_actions = lambda: standard_actions() + [outputs.append]
+  controller = experiment.controller(True, False)
+  experiment.checkpoint_manager.restore_or_initialize()
+  before = [v.numpy().copy() for v in experiment.model.trainable_variables]
+  experiment.train(controller)
+  assert tf.train.latest_checkpoint(str(tmp_path)).endswith('ckpt-2')
+  assert int(experiment.global_step.numpy()) == 2
+  after = experiment.model.trainable_variables
+  assert any(not np.array_equal(b, a.numpy()) for b, a in zip(before, after))
+  assert 'train/contrast_loss' in outputs[-1]
+  assert np.isfinite(float(outputs[-1]['train/contrast_loss']))
+  assert os.path.isdir(tmp_path / 'saved_model' / '2')
+
+
+def test_run_dispatches_a_config_without_flags(tmp_path):
+  result = run.run(tiny(tmp_path, mode='train_then_eval', objective_name='fnc',
+                        objective=config_lib.FNCConfig(
+                            support_size=0, memory_multiplier=0, topk=2)))
+  assert result['global_step'] == 2 and result['num_examples'] == 360
+  with open(tmp_path / 'flags.json') as f:
+    written = f.read()
+  assert '"topk": 2' in written  # the config itself, no flags were parsed
