@@ -119,6 +119,12 @@ def define_flags(flag_values=FLAGS):
                  'Maximum number of checkpoints to keep.')
   DEFINE_integer('keep_hub_module_max', 1,
                  'Maximum number of exported SavedModels to keep.')
+  DEFINE_enum('export_format', 'both', list(checkpoints.EXPORT_FORMATS),
+              'Interfaces of the exported SavedModel: serving (signature '
+              'serving_default: features, projection, logits), hub (the '
+              'original SimCLR TF2 export: saved_model(images, '
+              'trainable=False) -> final_avg_pool, block_group1..4, ...) or '
+              'both.')
   DEFINE_float('temperature', 0.1,
                'Temperature parameter for contrastive loss.')
   DEFINE_boolean('hidden_norm', True,
@@ -127,7 +133,8 @@ def define_flags(flag_values=FLAGS):
               ['none', 'linear', 'nonlinear'],
               'How the head projection is done.')
   DEFINE_integer('proj_out_dim', 128, 'Projection output dimension.')
-  DEFINE_integer('num_proj_layers', 3, 'Number of non-linear head layers.')
+  DEFINE_integer('num_proj_layers', 3, 'Number of non-linear head layers '
+                 '(0: none, the head is the identity).')
   DEFINE_integer('ft_proj_selector', 0,
                  'Which layer of the projection head to use during '
                  'fine-tuning: 0 = no projection head, -1 = the last.')
@@ -155,8 +162,9 @@ def define_flags(flag_values=FLAGS):
                 "'(?!global_step|(?:.*/|^)Momentum|head)' restores the "
                 'backbone only.')
   DEFINE_integer('train_summary_steps', None,
-                 'Training summary period in steps; 0 = off; unset = '
-                 'once per host loop (steps_per_loop).')
+                 'Training summary period in steps: the scalars are '
+                 'written at the first host-loop boundary at or after each '
+                 'multiple of it; 0 = off; unset = at every host loop.')
 
   # --- SogCLR ---
   DEFINE_bool('DCL_mode', False, 'SogCLR: train with the dynamic '
@@ -230,8 +238,8 @@ def define_flags(flag_values=FLAGS):
   DEFINE_string('objective', 'simclr', 'The contrastive objective.')
   DEFINE_integer('steps_per_loop', 0,
                  'Training steps per host loop (progress line, '
-                 'summaries). 0: checkpoint_steps, or its gcd with '
-                 'train_summary_steps.')
+                 'summaries). 0: checkpoint_steps (shortened to divide '
+                 'the kNN monitor\'s and the objective\'s periods).')
   DEFINE_string('distribution_strategy', None,
                 'Override the detected strategy: tpu, mirrored, '
                 'multi_worker_mirrored or one_device.')
@@ -356,6 +364,7 @@ class CheckpointConfig:
   checkpoint_steps: int = 0
   keep_checkpoint_max: int = 5
   keep_hub_module_max: int = 1
+  export_format: str = 'both'  # checkpoints.EXPORT_FORMATS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -688,8 +697,9 @@ def validate_flags(flag_values=FLAGS):
     errors.append('--fine_tune_after_block freezes blocks only when '
                   '--train_mode=finetune; pretraining trains every block '
                   '(use --fine_tune_after_block=-1).')
-  if fv.proj_head_mode == 'nonlinear' and fv.num_proj_layers < 1:
-    errors.append('--proj_head_mode=nonlinear needs --num_proj_layers ≥ 1.')
+  if fv.num_proj_layers < 0:
+    errors.append('--num_proj_layers must not be negative (0 with '
+                  '--proj_head_mode=nonlinear: no layers, the identity).')
   layers = projection_layer_count(fv.proj_head_mode, fv.num_proj_layers)
   if not -1 <= fv.ft_proj_selector <= layers:
     errors.append(f'--ft_proj_selector={fv.ft_proj_selector} but the '
@@ -703,10 +713,6 @@ def validate_flags(flag_values=FLAGS):
                   'pretraining only trains with '
                   '--lineareval_while_pretraining=true (or use '
                   '--train_mode=finetune, or --mode=train).')
-  if (fv.train_summary_steps and fv.steps_per_loop and
-      fv.train_summary_steps % fv.steps_per_loop):
-    errors.append(f'--train_summary_steps={fv.train_summary_steps} must '
-                  f'be a multiple of --steps_per_loop={fv.steps_per_loop}.')
   if fv.train_summary_steps is not None and fv.train_summary_steps < 0:
     errors.append('--train_summary_steps must not be negative.')
   if fv.knn_eval_epochs < 0:

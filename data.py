@@ -77,11 +77,15 @@ class DataSource:
     """Number of examples N of `split`; ids are 0..N-1."""
     raise NotImplementedError
 
-  def load(self, split, input_context=None, shuffle_files=False, seed=None):
+  def load(self, split, input_context=None, shuffle_files=False, seed=None,
+           shard_by_example=False):
     """tf.data.Dataset of {'image': uint8 HxWx3, 'label': int32, 'id': int32}.
 
     With an `input_context`, only this input pipeline's share of the split
-    is returned (disjoint across pipelines, union = the whole split).
+    is returned (disjoint across pipelines, union = the whole split). Shares
+    are by example for digits and folders; for TFDS by file unless
+    `shard_by_example` (then N/P ± 1 examples each, as one-pass evaluation
+    needs: every pipeline must fit the same number of padded batches).
     `shuffle_files` shuffles the reading order (seeded by `seed`, reshuffled
     every iteration); ids are unaffected.
     """
@@ -189,7 +193,9 @@ class DigitsSource(DataSource):
     restricted._data[self._resolve(split)] = (images[ids], labels[ids])  # pylint: disable=protected-access
     return restricted
 
-  def load(self, split, input_context=None, shuffle_files=False, seed=None):
+  def load(self, split, input_context=None, shuffle_files=False, seed=None,
+           shard_by_example=False):
+    del shard_by_example  # shares are always by example here
     images, labels = self.arrays(split)
     images_t = tf.constant(images)
     labels_t = tf.constant(labels)
@@ -327,7 +333,9 @@ class ImageFolderSource(DataSource):
   def num_examples(self, split):
     return len(self._split_files(split)[0])
 
-  def load(self, split, input_context=None, shuffle_files=False, seed=None):
+  def load(self, split, input_context=None, shuffle_files=False, seed=None,
+           shard_by_example=False):
+    del shard_by_example  # shares are always by example here
     paths, labels = self._split_files(split)
     paths_t = tf.constant(paths)
     labels_t = tf.constant(labels, tf.int32)
@@ -536,13 +544,23 @@ class TFDSSource(DataSource):
     self._check_split(split)
     return np.asarray(self._scan(split, self._label_key), np.int32)
 
-  def load(self, split, input_context=None, shuffle_files=False, seed=None):
+  def load(self, split, input_context=None, shuffle_files=False, seed=None,
+           shard_by_example=False):
     self._check_split(split)
     offsets = tf.constant(self._shard_offsets(split))
+    read_split = split
+    if (shard_by_example and input_context is not None and
+        input_context.num_input_pipelines > 1):
+      # Example ranges of (almost) equal size instead of whole files.
+      read_split = self._tfds.even_splits(
+          split, n=input_context.num_input_pipelines,
+          drop_remainder=False)[input_context.input_pipeline_id]
+      input_context = None
     read_config = self._tfds.ReadConfig(
         add_tfds_id=True, input_context=input_context, shuffle_seed=seed,
         interleave_cycle_length=32, interleave_block_length=1)
-    ds = self.builder.as_dataset(split=split, shuffle_files=shuffle_files,
+    ds = self.builder.as_dataset(split=read_split,
+                                 shuffle_files=shuffle_files,
                                  read_config=read_config)
     image_key, label_key, channels = (self._image_key, self._label_key,
                                       self._channels)
@@ -697,17 +715,30 @@ class _FilteredSource(DataSource):
   def find_unreadable(self, split):
     return self._base.find_unreadable(split)
 
-  def load(self, split, input_context=None, shuffle_files=False, seed=None):
-    ds = self._base.load(split, input_context=input_context,
-                         shuffle_files=shuffle_files, seed=seed)
+  def load(self, split, input_context=None, shuffle_files=False, seed=None,
+           shard_by_example=False):
     if split != self._split:
-      return ds
+      return self._base.load(split, input_context=input_context,
+                             shuffle_files=shuffle_files, seed=seed,
+                             shard_by_example=shard_by_example)
+    # By example: the kept ids of an even share of the base need not be
+    # even, so every pipeline reads the whole split and keeps new id mod P.
+    by_example = (shard_by_example and input_context is not None and
+                  input_context.num_input_pipelines > 1)
+    ds = self._base.load(split,
+                         input_context=None if by_example else input_context,
+                         shuffle_files=shuffle_files, seed=seed)
     table = tf.constant(self._new_ids)
 
     def reindex(example):
       return dict(example, id=tf.gather(table, example['id']))
     ds = ds.map(reindex, num_parallel_calls=_AUTOTUNE)
-    return ds.filter(lambda example: example['id'] >= 0)
+    ds = ds.filter(lambda example: example['id'] >= 0)
+    if by_example:
+      pipelines = input_context.num_input_pipelines
+      pipeline = input_context.input_pipeline_id
+      ds = ds.filter(lambda example: example['id'] % pipelines == pipeline)
+    return ds
 
 
 def eval_view(image, image_size):
@@ -728,8 +759,9 @@ def build_input_fn(source, split, global_batch_size, is_training, image_size,
   Batch: {'image': float32 [b, H, W, 3V], 'label': int32 [b], 'id': int32
   [b]}, b = per-replica batch (global batch when no context). Views:
   pretrain training -> `num_views` independent colour-distorted crops
-  (`use_blur`, `crop_area_min`, `randaugment` apply here); finetune training
-  -> 1 crop + flip view; eval -> 1 view, centre crop only if image_size > 32.
+  (`use_blur`, `randaugment` apply here); finetune training -> 1 crop + flip
+  view; both crop an area in [`crop_area_min`, 1] (FNC's fine-tuning uses
+  0.2); eval -> 1 view, centre crop only if image_size > 32.
   Training: (cache) -> shuffle (min(N, 50000), reshuffled per epoch) ->
   repeat -> augment -> batch(drop_remainder) -> prefetch. Eval: one pass,
   last partial batch kept.
@@ -746,18 +778,31 @@ def build_input_fn(source, split, global_batch_size, is_training, image_size,
         image, image_size, image_size,
         color_jitter_strength=color_jitter_strength, **kwargs)
 
+  def pretrain_views(image):
+    """`num_views` independent draws of the pretraining augmentation.
+
+    One traced augmentation run num_views times (tf.map_fn; its random ops
+    draw anew in every iteration), not num_views traced copies: with
+    RandAugment, FNC's 10 copies took ~40 s to build and trace.
+    """
+    def augment(one_image):
+      return one_view(one_image, is_training=True, color_distort=True,
+                      use_blur=use_blur, crop_area_min=crop_area_min,
+                      randaugment=randaugment)
+    views = tf.map_fn(augment, tf.stack([image] * num_views),
+                      fn_output_signature=tf.float32,
+                      parallel_iterations=num_views)
+    return tf.unstack(views, num=num_views)
+
   def make_views(example):
     image = example['image']
     if not is_training:
       views = [eval_view(image, image_size)]
     elif train_mode == 'pretrain':
-      views = [one_view(image, is_training=True, color_distort=True,
-                        use_blur=use_blur, crop_area_min=crop_area_min,
-                        randaugment=randaugment)
-               for _ in range(num_views)]
+      views = pretrain_views(image)
     else:
       views = [one_view(image, is_training=True, color_distort=False,
-                        use_blur=False)]
+                        use_blur=False, crop_area_min=crop_area_min)]
     return {'image': tf.concat(views, axis=-1), 'label': example['label'],
             'id': example['id']}
 

@@ -291,7 +291,8 @@ def preprocess_for_train(image, height, width, color_distort=True, crop=True,
                          randaugment=None):
   """One random training view of a float [0, 1] image (see module docstring).
 
-  Fine-tuning uses color_distort=False (crop + flip only). `randaugment`
+  Fine-tuning uses color_distort=False (crop + flip only; the crop keeps
+  the area range [crop_area_min, 1]). `randaugment`
   (callable on uint8, or Model Garden RandAugment) runs after colour jitter
   and before grayscale; without colour distortion it runs after the flip.
   Returns a float32 [height, width, 3] tensor in [0, 1].

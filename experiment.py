@@ -17,9 +17,11 @@ export / preview.
 
 import math
 import os
+import tempfile
 from typing import NamedTuple, Optional
 
 from absl import logging
+import numpy as np
 import orbit
 import tensorflow as tf
 
@@ -101,7 +103,8 @@ def build_objective(cfg, num_train_examples):
 
 def plan_steps(cfg, num_train_examples, objective=None):
   """Step arithmetic (SPEC §5): train steps, and host loops that end on
-  every checkpoint, summary, kNN and objective-action step."""
+  every checkpoint, kNN and objective-action step (not on summary steps:
+  `trainer.PeriodicSummaryManager` writes at the next loop boundary)."""
   schedule, batch = cfg.schedule, cfg.data.train_batch_size
   train_steps = lars_optimizer.get_train_steps(
       num_train_examples, schedule.train_epochs, batch, schedule.train_steps)
@@ -109,8 +112,6 @@ def plan_steps(cfg, num_train_examples, objective=None):
   checkpoint_steps = (cfg.checkpoint.checkpoint_steps or
                       max(1, cfg.checkpoint.checkpoint_epochs * epoch_steps))
   steps_per_loop = schedule.steps_per_loop or checkpoint_steps
-  if schedule.train_summary_steps and not schedule.steps_per_loop:
-    steps_per_loop = math.gcd(checkpoint_steps, schedule.train_summary_steps)
   knn_epochs = cfg.evaluation.knn_eval_epochs
   periods = [(knn_epochs * epoch_steps, f'--knn_eval_epochs={knn_epochs}')]
   if objective is not None:
@@ -156,6 +157,11 @@ def build_optimizer(cfg, num_train_examples, train_steps):
       weight_decay=cfg.optimizer.weight_decay)
 
 
+def _inside(directory, name):
+  """directory/name, or None without a directory (a non-chief worker)."""
+  return os.path.join(directory, name) if directory else None
+
+
 def check_replicas(cfg, strategy):
   replicas = strategy.num_replicas_in_sync
   for name in ('train_batch_size', 'eval_batch_size'):
@@ -171,6 +177,11 @@ class Experiment:
   def __init__(self, cfg, strategy):
     self.config = cfg
     self.strategy = strategy
+    # Only the chief writes into model_dir (checkpoints, export, summaries,
+    # JSON); the other workers of a multi-worker run write their
+    # checkpoints to a local temporary directory (`close` deletes it).
+    self.is_chief = strategy.extended.should_checkpoint
+    self.output_dir = cfg.checkpoint.model_dir if self.is_chief else None
     check_replicas(cfg, strategy)
     self.data = build_data(cfg)
     self.objective = build_objective(cfg, self.data.num_train_examples)
@@ -220,11 +231,30 @@ class Experiment:
     if not latest and self.config.mode == 'eval':
       logging.info('No checkpoint in %s yet; eval waits for one.',
                    ckpt.model_dir)
+    directory, init_fn = ckpt.model_dir, self.initialize_new_run
+    if not self.is_chief:
+      directory = tempfile.mkdtemp(prefix='worker_checkpoints_')
+      init_fn = self._restore_chiefs_latest
     return tf.train.CheckpointManager(
-        self.checkpoint, directory=ckpt.model_dir,
+        self.checkpoint, directory=directory,
         max_to_keep=ckpt.keep_checkpoint_max, step_counter=self.global_step,
-        checkpoint_interval=self.steps.checkpoint_steps,
-        init_fn=self.initialize_new_run)
+        checkpoint_interval=self.steps.checkpoint_steps, init_fn=init_fn)
+
+  def _restore_chiefs_latest(self):
+    """A non-chief worker resumes from model_dir (its own checkpoints are
+    throw-away), or starts a new run like the chief."""
+    latest = tf.train.latest_checkpoint(self.config.checkpoint.model_dir)
+    if latest:
+      self.checkpoint.restore(latest).assert_existing_objects_matched()
+      logging.info('Restored %s (written by the chief).', latest)
+    else:
+      self.initialize_new_run()
+
+  def close(self):
+    """Deletes a non-chief worker's temporary checkpoint directory."""
+    directory = self.checkpoint_manager.directory
+    if not self.is_chief and tf.io.gfile.exists(directory):
+      tf.io.gfile.rmtree(directory)
 
   def initialize_new_run(self):
     """Warm start and head zeroing, for a run with no checkpoint yet."""
@@ -296,7 +326,7 @@ class Experiment:
     cfg, steps = self.config, self.steps
     train_actions = [actions.ProgressLogger(
         self.global_step, steps.train_steps, cfg.data.train_batch_size)]
-    model_dir = cfg.checkpoint.model_dir
+    output_dir = self.output_dir
     if steps.knn_eval_steps:
       train_actions.append(evaluate.KnnMonitor(
           self.model, self.global_step,
@@ -305,8 +335,8 @@ class Experiment:
           steps_per_epoch=steps.epoch_steps, k=cfg.evaluation.knn_k,
           temperature=cfg.evaluation.knn_temperature,
           num_classes=self.data.num_classes, strategy=self.strategy,
-          history_path=os.path.join(model_dir, 'knn_monitor.json'),
-          summary_dir=os.path.join(model_dir, 'knn')))
+          history_path=_inside(output_dir, 'knn_monitor.json'),
+          summary_dir=_inside(output_dir, 'knn')))
     if self.objective is not None:
       train_actions.extend(self.objective.train_actions(self.train_context()))
     return train_actions
@@ -324,7 +354,7 @@ class Experiment:
         train_steps=self.steps.train_steps,
         steps_per_epoch=self.steps.epoch_steps, key_encoder=key_encoder,
         train_pass=self.pass_dataset_fn(self.config.data.train_split),
-        model_dir=self.config.checkpoint.model_dir)
+        output_dir=self.output_dir)
 
   def controller(self, with_trainer, with_evaluator):
     cfg = self.config
@@ -346,19 +376,25 @@ class Experiment:
           self.pass_dataset_fn(cfg.data.eval_split)(), self.data.num_classes,
           optimizer_name=cfg.optimizer.name,
           weight_decay=cfg.optimizer.weight_decay)
+    # Training scalars: every host loop (--train_summary_steps unset), none
+    # (0), or at the first loop boundary at or after each multiple of it.
     summary_steps = cfg.schedule.train_summary_steps
-    model_dir = cfg.checkpoint.model_dir
+    output_dir = self.output_dir
+    summary_dir = output_dir if summary_steps != 0 and with_trainer else None
+    summary_manager = None
+    if summary_steps and with_trainer:
+      summary_manager = trainer_lib.PeriodicSummaryManager(
+          summary_dir, self.global_step, summary_steps,
+          loop_start_step=lambda: trainer.loop_start_step)
     eval_name = cfg.evaluation.eval_name
     return orbit.Controller(
         strategy=self.strategy, trainer=trainer, evaluator=evaluator,
         global_step=self.global_step,
         steps_per_loop=self.steps.steps_per_loop if with_trainer else None,
         checkpoint_manager=self.checkpoint_manager,
-        summary_dir=(model_dir if summary_steps != 0 and with_trainer
-                     else None),
-        summary_interval=summary_steps or None,
-        eval_summary_dir=os.path.join(
-            model_dir, 'eval_' + eval_name if eval_name else 'eval'),
+        summary_dir=summary_dir, summary_manager=summary_manager,
+        eval_summary_dir=_inside(
+            output_dir, 'eval_' + eval_name if eval_name else 'eval'),
         train_actions=train_actions)
 
   # --- Modes. ---
@@ -371,9 +407,9 @@ class Experiment:
       logging.info('model_dir already holds step %d ≥ train_steps %d.',
                    step, self.steps.train_steps)
       return
-    if cfg.schedule.train_summary_steps != 0:
+    if cfg.schedule.train_summary_steps != 0 and self.is_chief:
       pictures.summarize_view_grid(self.preview_batch(), self.num_views,
-                                   cfg.checkpoint.model_dir, step)
+                                   self.output_dir, step)
     logging.info('Training %s (%s) from step %d to %d: %d examples, global '
                  'batch %d, %d replica(s).', cfg.objective_name,
                  cfg.train_mode, step, self.steps.train_steps,
@@ -395,13 +431,40 @@ class Experiment:
             f'{split}: {", ".join(unreadable[:10])}. Remove or replace '
             'them, or pass --skip_corrupt_images to skip them.') from e
       raise
+    logging.info('Trained to step %d; state digest %s.',
+                 int(self.global_step.numpy()), self.state_digest())
     self.export()
 
+  def state_digest(self):
+    """{checkpointed object: float64 sum of all its values}: equal on every
+    worker of a multi-worker run when their states agree (logged at the end
+    of training)."""
+    objects = {'model': self.model}
+    if self.objective is not None:
+      objects.update(self.objective.checkpoint_items())
+    if self.momentum_encoder is not None:
+      objects['momentum_encoder'] = self.momentum_encoder
+    def values(obj):
+      return [obj] if isinstance(obj, tf.Variable) else obj.variables
+    return {name: repr(float(sum(np.sum(v.numpy().astype(np.float64))
+                                 for v in values(objects[name]))))
+            for name in sorted(objects)}
+
   def export(self):
+    """SavedModel of the current weights in model_dir/saved_model/<step>,
+    with the interfaces of --export_format."""
     ckpt = self.config.checkpoint
-    return checkpoints.export_saved_model(
-        self.model, ckpt.model_dir, int(self.global_step.numpy()),
-        ckpt.keep_hub_module_max)
+    # Every worker saves (as Model Garden does); a non-chief one into a
+    # temporary directory that it deletes.
+    root = ckpt.model_dir if self.is_chief else tempfile.mkdtemp(
+        prefix='worker_export_')
+    try:
+      return checkpoints.export_saved_model(
+          self.model, root, int(self.global_step.numpy()),
+          ckpt.keep_hub_module_max, export_format=ckpt.export_format)
+    finally:
+      if not self.is_chief:
+        tf.io.gfile.rmtree(root)
 
   def evaluate(self, controller):
     """Evaluates the current weights; writes result.json, result_<step>.json
@@ -411,12 +474,19 @@ class Experiment:
     step = int(self.global_step.numpy())
     result = {k: float(v) for k, v in outputs.items()}
     result['global_step'] = step
+    expected = self.data.num_eval_examples
+    if not cfg.evaluation.eval_steps and result['num_examples'] != expected:
+      raise RuntimeError(
+          f'The eval pass scored {int(result["num_examples"])} of the '
+          f'{expected} examples of --eval_split={cfg.data.eval_split}; '
+          'every example must be scored once (input sharding bug).')
     logging.info('Eval at step %d: %s', step, result)
-    model_dir = cfg.checkpoint.model_dir
-    for name in ('result.json', f'result_{step}.json'):
-      checkpoints.write_json(os.path.join(model_dir, name), result)
-    checkpoints.write_json(os.path.join(model_dir, 'flags.json'),
-                           cfg.flag_values or cfg.to_json())
+    if self.is_chief:
+      model_dir = cfg.checkpoint.model_dir
+      for name in ('result.json', f'result_{step}.json'):
+        checkpoints.write_json(os.path.join(model_dir, name), result)
+      checkpoints.write_json(os.path.join(model_dir, 'flags.json'),
+                             cfg.flag_values or cfg.to_json())
     print(f'Eval at step {step}: top-1 accuracy '
           f'{result["label_top_1_accuracy"]:.4f}, top-5 accuracy '
           f'{result["label_top_5_accuracy"]:.4f} '

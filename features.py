@@ -82,8 +82,10 @@ def build_encoder_model(layer=0, **architecture):
 def restore_encoder(model, path, layer=0):
   """Reads the backbone (and the projection layers up to `layer`) of `path`.
 
-  Returns the checkpoint prefix. A variable of another shape, or a missing
-  backbone or needed projection variable, is a
+  `path`: a checkpoint (prefix or directory) of this code or of the
+  original SimCLR TF2 code (renamed by simclr_checkpoint.py, through
+  `checkpoints.warm_start`). Returns the checkpoint prefix. A variable of
+  another shape, or a missing backbone or needed projection variable, is a
   `checkpoints.CheckpointMismatchError` naming them.
   """
   prefix = checkpoints.resolve_checkpoint_path(path)
@@ -117,8 +119,10 @@ def build_pass_input_fn(source, split, global_batch_size, image_size):
 
   Every replica gets the same number of full batches (static shapes, as
   TPUs need, and equal shapes for cross-replica gathers): each input
-  pipeline's shard is followed by padding rows (zero image, label and id
-  −1) up to ceil(N / global_batch_size) steps. Drop rows with id < 0.
+  pipeline's share, by example (`DataSource.load(shard_by_example=True)`:
+  at most ceil(N / P) of the N examples for P pipelines, which always fits),
+  is followed by padding rows (zero image, label and id −1) up to
+  ceil(N / global_batch_size) steps. Drop rows with id < 0.
   """
   num_examples = source.num_examples(split)
   num_steps = -(-num_examples // global_batch_size)
@@ -132,7 +136,8 @@ def build_pass_input_fn(source, split, global_batch_size, image_size):
       replicas_per_pipeline = (input_context.num_replicas_in_sync //
                                input_context.num_input_pipelines)
     rows = num_steps * replicas_per_pipeline * per_replica
-    ds = source.load(split, input_context=input_context)
+    ds = source.load(split, input_context=input_context,
+                     shard_by_example=True)
     ds = ds.map(lambda ex: {'image': data_lib.eval_view(ex['image'],
                                                         image_size),
                             'label': tf.cast(ex['label'], tf.int32),

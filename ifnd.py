@@ -205,6 +205,10 @@ def ifnd_loss(views, ids, table, temperature, strategy='elimination',
 # ---------------------------------------------------------------------------
 
 
+def _inside(directory, name):
+  return os.path.join(directory, name) if directory else None
+
+
 class Reassigner(actions.PeriodicAction):
   """Re-assigns the pseudo labels every `period_steps` steps.
 
@@ -218,15 +222,15 @@ class Reassigner(actions.PeriodicAction):
   run, or a resumed run whose checkpoint has no table) or older than the
   last multiple of the period. Each re-assignment logs a line with its
   time, writes TensorBoard scalars (`model_dir/ifnd`) and appends its record
-  to `model_dir/ifnd_assignments.json`.
+  to `model_dir/ifnd_assignments.json` (the chief only: no files when
+  `context.output_dir` is None).
   """
 
   def __init__(self, ifnd, context, period_steps):
     super().__init__(
         context.global_step, period_steps,
-        history_path=os.path.join(context.model_dir,
-                                  'ifnd_assignments.json'),
-        summary_dir=os.path.join(context.model_dir, 'ifnd'))
+        history_path=_inside(context.output_dir, 'ifnd_assignments.json'),
+        summary_dir=_inside(context.output_dir, 'ifnd'))
     self.ifnd = ifnd
     self.context = context
     self._extract = None
@@ -277,7 +281,10 @@ class Reassigner(actions.PeriodicAction):
     else:
       result = clustering.assign_pseudo_labels(
           np.zeros((num, 1), np.float32), ifnd.num_clusters, rate)
-    ifnd.table.assign(result.table, step, rate)
+    # The chief's table is the table, whatever another host's k-means gave.
+    table = objective.broadcast_from_first_replica(self.context.strategy,
+                                                   result.table)
+    ifnd.table.assign(table, step, rate)
     seconds = time.time() - start
     record = {'step': step,
               'epoch': step / self.context.steps_per_epoch,

@@ -29,6 +29,10 @@ get_train_steps = lars_optimizer.get_train_steps
 BASE_MODEL_NAME = 'base_model'
 PROJECTION_HEAD_NAME = 'head_contrastive'
 SUPERVISED_HEAD_NAME = 'head_supervised'
+# Our export's serving_default outputs: their `Model.simclr_outputs` names.
+SERVING_OUTPUTS = {'features': 'final_avg_pool',
+                   'projection': 'proj_head_output',
+                   'logits': 'logits_sup'}
 
 
 def _escape(name):
@@ -101,7 +105,9 @@ class ProjectionHead(tf_keras.layers.Layer):
 
   nonlinear: num_proj_layers layers; the middle ones Dense(no bias) + BN +
   ReLU at the input width, the last Dense(proj_out_dim, no bias) + BN
-  without β. linear: only that last layer. none: identity.
+  without β (with num_proj_layers = 0 there are none, so the head is the
+  identity, as in the original). linear: only that last layer. none:
+  identity.
 
   `call` returns (output of the last layer, output of layer
   `ft_proj_selector`), where 0 is the head's input (the ResNet features).
@@ -249,19 +255,41 @@ class Model(tf_keras.models.Model):
   def supervised_head(self):
     return self.head_supervised
 
-  def outputs_dict(self, images, training=False):
-    """{'features', 'projection'[, 'logits']} of a single-view batch.
+  def simclr_outputs(self, images, training=False):
+    """The named outputs of the original SimCLR TF2 export for a
+    single-view batch [b, H, W, 3]:
 
-    'projection' is the last built projection layer (in finetune mode the
-    head is only built up to ft_proj_selector); 'logits' is the supervised
-    head on the features it is trained on.
+    initial_conv (the stem's last conv, before its BN), initial_max_pool
+    (the stem's output: after the max-pool, or after BN-ReLU for the CIFAR
+    stem), block_group1..4, final_avg_pool (= proj_head_input, the ResNet
+    features), proj_head_output (the last built projection layer) and,
+    when the supervised head exists, logits_sup (on the features it is
+    trained on).
     """
-    hiddens = self.base_model(images, training=training)
-    projections, selected = self.head_contrastive(hiddens, training=training)
-    outputs = {'features': hiddens, 'projection': projections}
+    maps = self.base_model(images, training=training,
+                           return_feature_maps=True)
+    features = maps['final_avg_pool']
+    projections, selected = self.head_contrastive(features, training=training)
+    outputs = {f'block_group{i}': maps[f'block_group{i}'] for i in range(1, 5)}
+    outputs.update(initial_conv=maps['initial_conv'],
+                   initial_max_pool=maps[resnet.STEM_NAME],
+                   final_avg_pool=features, proj_head_input=features,
+                   proj_head_output=projections)
     if self.head_supervised is not None:
-      outputs['logits'] = self.head_supervised(selected, training=training)
+      outputs['logits_sup'] = self.head_supervised(selected,
+                                                   training=training)
     return outputs
+
+  def outputs_dict(self, images, training=False):
+    """{'features', 'projection'[, 'logits']} of a single-view batch: the
+    ResNet features, the last built projection layer (in finetune mode the
+    head is only built up to ft_proj_selector) and the supervised head on
+    the features it is trained on (`SERVING_OUTPUTS` of `simclr_outputs`).
+    """
+    outputs = self.simclr_outputs(images, training=training)
+    return {ours: outputs[original]
+            for ours, original in SERVING_OUTPUTS.items()
+            if original in outputs}
 
   def call(self, inputs, training=False):
     features = stack_views(inputs)

@@ -133,6 +133,26 @@ def gather_view_major(local, num_views, replica_context=None):
   return tf.reshape(blocks, tf.concat([[-1], inner], axis=0))
 
 
+def broadcast_from_first_replica(strategy, value):
+  """`value` as replica 0 (on the chief host) holds it, on every host.
+
+  For host-side results that every host computes but must agree on bit for
+  bit (IFND's pseudo labels: k-means threads may round differently on
+  different machines). `value`: a tensor or array (each host passes its own)
+  or a per-replica value. One SUM all-reduce of replica 0's value and zeros
+  elsewhere, so integers and floats come through exactly. Returns a NumPy
+  array.
+  """
+  def replica_fn(local):
+    ctx = tf.distribute.get_replica_context()
+    local = tf.convert_to_tensor(local)
+    keep = tf.equal(ctx.replica_id_in_sync_group, 0)
+    return ctx.all_reduce(tf.distribute.ReduceOp.SUM,
+                          tf.where(keep, local, tf.zeros_like(local)))
+  result = strategy.run(replica_fn, args=(value,))
+  return strategy.experimental_local_results(result)[0].numpy()
+
+
 def global_row_indices(local_batch_size, replica_context=None):
   """Global indices i = replica_id·b + k of the local rows k = 0..b-1."""
   ctx = _replica_context(replica_context)
@@ -711,7 +731,8 @@ class TrainContext(NamedTuple):
   key_encoder: Callable  # images [b, H, W, 3] -> projections, inference mode
   train_pass: Callable  # () -> distributed one-pass dataset of the training
   #   split, eval preprocessing, padding rows with id -1
-  model_dir: str
+  output_dir: Optional[str]  # model_dir on the chief; None on the other
+  #   workers of a multi-worker run, which write no files
 
 
 # ---------------------------------------------------------------------------

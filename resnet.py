@@ -15,6 +15,7 @@ import tensorflow as tf
 import tf_keras
 
 BATCH_NORM_EPSILON = 1e-5
+STEM_NAME = 'stem'  # its key in `Resnet.feature_maps`
 SUPPORTED_DEPTHS = (18, 34, 50, 101, 152, 200)
 
 # depth -> (block type, number of blocks in each of the four groups)
@@ -355,9 +356,16 @@ class Stem(tf_keras.layers.Layer):
                                      name='initial_max_pool'),
     ]
 
-  def call(self, inputs, training=None):
+  def call(self, inputs, training=None, return_initial_conv=False):
+    """The stem's output; with `return_initial_conv`, (output, output of the
+    conv named initial_conv, before its BN), as the original exports."""
+    initial_conv = None
     for layer in self.stem_layers:
       inputs = layer(inputs, training=training)
+      if layer.name == 'initial_conv':
+        initial_conv = inputs
+    if return_initial_conv:
+      return inputs, initial_conv
     return inputs
 
 
@@ -404,7 +412,8 @@ class Resnet(tf_keras.layers.Layer):
     bn_args = dict(batch_norm_decay=batch_norm_decay, global_bn=global_bn)
 
     self.stem = Stem(width_multiplier, cifar_stem=cifar_stem,
-                     resnet_d=sk_ratio > 0 and not cifar_stem, name='stem',
+                     resnet_d=sk_ratio > 0 and not cifar_stem,
+                     name=STEM_NAME,
                      **bn_args)
     self.block_groups = [
         BlockGroup(
@@ -424,19 +433,33 @@ class Resnet(tf_keras.layers.Layer):
     return [self.stem] + self.block_groups
 
   def feature_maps(self, inputs, training=None):
-    """Outputs of every block: {'stem', 'block_group1', ..., 'block_group4'}."""
+    """Outputs of every block: {'initial_conv' (the stem's last conv, before
+    its BN), 'stem', 'block_group1', ..., 'block_group4'}."""
     outputs = {}
     for index, block in enumerate(self._blocks()):
-      if index <= self.fine_tune_after_block:
-        inputs = tf.stop_gradient(block(inputs, training=False))
+      frozen = index <= self.fine_tune_after_block
+      block_training = False if frozen else training
+      if block is self.stem:
+        inputs, initial_conv = block(inputs, training=block_training,
+                                     return_initial_conv=True)
+        outputs['initial_conv'] = (tf.stop_gradient(initial_conv) if frozen
+                                   else initial_conv)
       else:
-        inputs = block(inputs, training=training)
+        inputs = block(inputs, training=block_training)
+      if frozen:
+        inputs = tf.stop_gradient(inputs)
       outputs[block.name] = inputs
     return outputs
 
-  def call(self, inputs, training=None):
-    features = self.feature_maps(inputs, training=training)['block_group4']
-    return tf.reduce_mean(features, [1, 2], name='final_avg_pool')
+  def call(self, inputs, training=None, return_feature_maps=False):
+    """Pooled features [N, C]; with `return_feature_maps`, the
+    `feature_maps` dict plus them as 'final_avg_pool'."""
+    maps = self.feature_maps(inputs, training=training)
+    features = tf.reduce_mean(maps['block_group4'], [1, 2],
+                              name='final_avg_pool')
+    if return_feature_maps:
+      return dict(maps, final_avg_pool=features)
+    return features
 
 
 def resnet(resnet_depth,

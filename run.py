@@ -65,16 +65,19 @@ def run(cfg, strategy=None):
   strategy = strategy or build_strategy(cfg.distribution)
   experiment = experiment_lib.Experiment(cfg, strategy)
   tf.io.gfile.makedirs(cfg.model_dir)
-  if cfg.mode == 'preview':
-    return experiment.preview()
-  if cfg.mode == 'train':
-    experiment.train(experiment.controller(True, False))
-    return None
-  if cfg.mode == 'train_then_eval':
-    controller = experiment.controller(True, True)
-    experiment.train(controller)
-    return experiment.evaluate(controller)
-  return evaluate_checkpoints(experiment)
+  try:
+    if cfg.mode == 'preview':
+      return experiment.preview()
+    if cfg.mode == 'train':
+      experiment.train(experiment.controller(True, False))
+      return None
+    if cfg.mode == 'train_then_eval':
+      controller = experiment.controller(True, True)
+      experiment.train(controller)
+      return experiment.evaluate(controller)
+    return evaluate_checkpoints(experiment)
+  finally:
+    experiment.close()
 
 
 def evaluate_checkpoints(experiment):

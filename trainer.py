@@ -1,4 +1,6 @@
-"""Orbit trainer and evaluator (the loops `run.py` hands to orbit.Controller).
+"""Orbit trainer and evaluator (the loops `run.py` hands to orbit.Controller),
+and the summary manager that writes the training scalars every
+--train_summary_steps.
 
 The trainer runs one optimisation step per batch on every replica:
 contrastive loss from the objective (pretraining), cross-entropy of the
@@ -43,11 +45,15 @@ class Trainer(orbit.StandardTrainer):
     with strategy.scope():
       self.global_step = optimizer.iterations
       self._metrics = {'train/' + n: _mean_metric('train/' + n) for n in names}
+    # The global step at which the current host loop began (set by
+    # `train_loop_begin`; `PeriodicSummaryManager` reads it).
+    self.loop_start_step = None
     super().__init__(
         train_dataset,
         options=orbit.StandardTrainerOptions(use_tf_while_loop=True))
 
   def train_loop_begin(self):
+    self.loop_start_step = int(self.global_step.numpy())
     for metric in self._metrics.values():
       metric.reset_state()
 
@@ -109,6 +115,41 @@ class Trainer(orbit.StandardTrainer):
     # A value, not the optimizer's (mirrored) hyper-parameter variable.
     results['train/learning_rate'] = tf.convert_to_tensor(lr)
     return results
+
+
+class PeriodicSummaryManager(orbit.utils.SummaryManager):
+  """orbit's summary manager, writing a host loop's scalars only when the
+  loop reached a multiple of `period_steps` (--train_summary_steps).
+
+  Rule: the outputs of the loop over steps (start, end] are written, at
+  step end, when start // period < end // period, i.e. at the first loop
+  boundary at or after each multiple of the period. Loops keep their length
+  (orbit's `summary_interval` would only gate tf.summary calls inside the
+  step, and needs loops that divide the period); a period shorter than a
+  loop writes once per loop. `loop_start_step` is a callable giving start
+  (`Trainer.loop_start_step`), so a resumed run keeps the rule.
+  """
+
+  def __init__(self, summary_dir, global_step, period_steps,
+               loop_start_step):
+    if period_steps < 1:
+      raise ValueError(f'period_steps must be ≥ 1, got {period_steps}.')
+    super().__init__(summary_dir, tf.summary.scalar, global_step=global_step)
+    self.global_step = global_step
+    self.period_steps = int(period_steps)
+    self.loop_start_step = loop_start_step
+
+  def is_due(self):
+    """Whether the loop that just ended reached a multiple of the period
+    (never before a first loop)."""
+    start = self.loop_start_step()
+    end = int(self.global_step.numpy())
+    return (start is not None and
+            start // self.period_steps < end // self.period_steps)
+
+  def write_summaries(self, summary_dict):
+    if self.is_due():
+      super().write_summaries(summary_dict)
 
 
 class Evaluator(orbit.StandardEvaluator):

@@ -7,6 +7,7 @@ import pytest
 import tensorflow as tf
 
 import checkpoints
+import lars_optimizer
 import model as model_lib
 
 BACKBONE_ONLY = '(?!global_step|(?:.*/|^)Momentum|head)'
@@ -82,6 +83,35 @@ def test_different_depth_is_an_error_naming_variables(tmp_path):
   with pytest.raises(checkpoints.CheckpointMismatchError,
                      match='does not fit the model built from these flags'):
     checkpoints.check_resume_fits(target, path)
+
+
+def test_deeper_checkpoint_is_an_error_naming_its_extra_blocks(tmp_path):
+  """A ResNet-34 checkpoint holds all of a ResNet-18's variables and more:
+  loading only the first blocks would be silently wrong."""
+  path = saved(tiny_model(depth=34), tmp_path)
+  target = tiny_model(depth=18)
+  with pytest.raises(checkpoints.CheckpointMismatchError,
+                     match='Backbone variables of the checkpoint not in the '
+                     r'model:\n  base_model/block_groups/0/blocks/2/'):
+    checkpoints.check_warm_start_fits(target, path, BACKBONE_ONLY)
+  with pytest.raises(checkpoints.CheckpointMismatchError,
+                     match='In the checkpoint, not in the model'):
+    checkpoints.check_resume_fits(target, path)
+
+
+def test_checkpoint_variables_skips_slots_and_step(tmp_path):
+  model = tiny_model()
+  optimizer = lars_optimizer.build_optimizer('lars', 0.1)
+  variables = model.trainable_variables
+  optimizer.apply_gradients([(tf.zeros_like(v), v) for v in variables])
+  path = tf.train.Checkpoint(model=model, optimizer=optimizer,
+                             global_step=tf.Variable(3)).write(
+                                 str(tmp_path / 'ckpt'))
+  slots = [k for k in tf.train.load_checkpoint(path).get_variable_to_shape_map()
+           if '.OPTIMIZER_SLOT' in k]
+  assert len(slots) == len(variables)
+  _, saved_names = checkpoints.checkpoint_variables(path)
+  assert sorted(saved_names) == sorted(model_lib.variable_paths(model))
 
 
 def test_other_num_classes_needs_the_head_excluded(tmp_path):

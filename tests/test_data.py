@@ -244,6 +244,40 @@ def test_training_drops_remainder_and_repeats(folder, cache):
   assert set(ids) == set(range(30))
 
 
+def _ramp_folder(root, size=64):
+  """One image per split whose red / green channels are ramps in x / y, so
+  the span of a crop's values measures the crop's width / height."""
+  ramp = np.linspace(0, 255, size)
+  image = np.stack([np.tile(ramp, (size, 1)), np.tile(ramp[:, None], (1, size)),
+                    np.zeros((size, size))], axis=-1).astype(np.uint8)
+  for split in ('train', 'test'):
+    os.makedirs(os.path.join(root, split, 'ramp'))
+    _write_image(os.path.join(root, split, 'ramp', '0.png'), image)
+  return root
+
+
+def test_finetune_crop_honours_crop_area_min(tmp_path):
+  """Fine-tuning views crop an area in [crop_area_min, 1] (FNC fine-tunes
+  with 0.2), not always [0.08, 1]."""
+  source = data.get_data_source(_ramp_folder(str(tmp_path)),
+                                eval_split='test')
+
+  def crop_areas(crop_area_min):
+    fn = data.build_input_fn(source, 'train', 1, is_training=True,
+                             image_size=32, train_mode='finetune',
+                             crop_area_min=crop_area_min, seed=0)
+    views = np.concatenate([b['image'] for b in _batches(fn, 300)])
+    # Value span of a ramp = covered fraction of that side (flip-invariant).
+    return np.ptp(views[..., 0], axis=(1, 2)) * np.ptp(views[..., 1],
+                                                        axis=(1, 2))
+
+  default, large = crop_areas(0.08), crop_areas(0.6)
+  # The spans shrink slightly under bicubic resizing (< 5 % here).
+  assert large.min() > 0.6 * 0.95
+  assert default.min() < 0.3
+  assert np.ptp(large) > 0.2  # still random crops
+
+
 def test_eval_covers_every_example_once(digits_source):
   fn = data.build_input_fn(digits_source, 'test', 50, is_training=False,
                            image_size=32)

@@ -9,6 +9,8 @@ import checkpoints
 import data as data_lib
 import features
 from conftest import two_replica_strategy
+from test_data import DataTestTinyImages  # noqa: F401  (registers it)
+from test_data import tfds_dir  # noqa: F401  (fixture)
 
 ARCH = dict(resnet_depth=18, width_multiplier=0.125, cifar_stem=True,
             proj_out_dim=16)
@@ -133,3 +135,56 @@ def test_extractor_rejects_a_pass_that_misses_or_repeats_an_id():
   for ids in ([0, 2], [0, 1, 1]):
     with pytest.raises(ValueError, match='every id 0..N−1 once'):
       extractor(batches(ids))
+
+
+# ------------------------------------------- passes sharded by example
+
+
+class _Context:
+  """tf.distribute.InputContext of pipeline `index` of `count`, one replica
+  each."""
+
+  def __init__(self, index, count):
+    self.input_pipeline_id = index
+    self.num_input_pipelines = count
+    self.num_replicas_in_sync = count
+
+  def get_per_replica_batch_size(self, global_batch_size):
+    return global_batch_size // self.num_replicas_in_sync
+
+
+def _pass_ids(source, split, pipelines, per_replica_batch):
+  """The ids (padding dropped) and the batch count of every pipeline."""
+  input_fn = features.build_pass_input_fn(
+      source, split, per_replica_batch * pipelines, image_size=8)
+  ids, batches = [], []
+  for index in range(pipelines):
+    rows = [batch['id'].numpy()
+            for batch in input_fn(_Context(index, pipelines))]
+    batches.append(len(rows))
+    ids.append(np.concatenate(rows))
+  return ids, batches
+
+
+@pytest.mark.parametrize('pipelines', [2, 3])
+@pytest.mark.parametrize('kind', ['tfds', 'tfds_subset', 'digits'])
+def test_every_pipeline_gets_whole_batches_and_every_id_once(
+    kind, pipelines, tfds_dir):
+  """23 TFDS examples in 3 files (8, 8, 7): by file, 2 pipelines would own
+  15 and 8 examples and a padded pass of 3 global batches of 8 would drop 3
+  of the 15; by example nothing is lost."""
+  if kind == 'digits':
+    source = data_lib.get_data_source('digits').subset(
+        'test', np.arange(0, 360, 15))  # 24 examples
+  else:
+    source = data_lib.get_data_source('data_test_tiny_images',
+                                      data_dir=tfds_dir, eval_split=None)
+    if kind == 'tfds_subset':  # 12 ids, all from the first 2 files
+      source = source.subset('train', np.arange(12))
+  split = 'test' if kind == 'digits' else 'train'
+  num = source.num_examples(split)
+  ids, batches = _pass_ids(source, split, pipelines, per_replica_batch=4)
+  assert len(set(batches)) == 1  # the same number of batches everywhere
+  assert batches[0] == -(-num // (4 * pipelines))
+  seen = np.concatenate([i[i >= 0] for i in ids])
+  np.testing.assert_array_equal(np.sort(seen), np.arange(num))

@@ -327,7 +327,7 @@ def _context(tmp_path, step, train_steps=25, steps_per_epoch=5,
       strategy=tf.distribute.get_strategy(), global_step=step,
       train_steps=train_steps, steps_per_epoch=steps_per_epoch,
       key_encoder=key_encoder, train_pass=train_pass,
-      model_dir=str(tmp_path))
+      output_dir=str(tmp_path))
 
 
 def test_reassignment_happens_at_the_right_steps(tmp_path):

@@ -151,6 +151,28 @@ def test_ft_proj_selector_one_uses_first_layer_output():
   assert not np.allclose(logits.numpy(), feats_logits.numpy(), atol=1e-4)
 
 
+@pytest.mark.parametrize('train_mode,selector', [
+    ('pretrain', 0), ('finetune', -1), ('finetune', 0)])
+def test_nonlinear_head_with_zero_layers_is_the_identity(train_mode,
+                                                         selector):
+  """--num_proj_layers=0 (SogCLR's linear-eval command): no layer, so the
+  projections (pretraining) and the supervised head's input are the ResNet
+  features, as in the original."""
+  model = _model(proj_head_mode='nonlinear', num_proj_layers=0,
+                 train_mode=train_mode, ft_proj_selector=selector)
+  images = _images(b=3)
+  projections, logits = model(images, training=False)
+  assert not model.head_contrastive.linear_layers
+  assert not _head_vars(model, model_lib.PROJECTION_HEAD_NAME)
+  features = model.base_model(images, training=False)
+  if train_mode == 'pretrain':
+    np.testing.assert_allclose(projections.numpy(), features.numpy(),
+                               rtol=1e-6)
+  np.testing.assert_allclose(
+      logits.numpy(), model.head_supervised(features).numpy(), rtol=1e-5,
+      atol=1e-6)
+
+
 def test_lineareval_while_pretraining_stops_gradient():
   model = _model()
   images = _images(b=4, views=2)

@@ -351,3 +351,20 @@ def test_registry():
   assert 'simclr' in obj_lib.available_objectives()
   with pytest.raises(ValueError, match='Unknown --objective=.*available: '):
     obj_lib.get_objective_class('nope')
+
+
+def test_broadcast_from_first_replica_gives_every_replica_replica_0s_value(
+    two_replicas):
+  values = {0: np.array([[3, -1], [7, 2]], np.int32),
+            1: np.array([[9, 9], [9, 9]], np.int32)}
+  per_replica = two_replicas.experimental_distribute_values_from_function(
+      lambda ctx: tf.constant(values[ctx.replica_id_in_sync_group]))
+  result = obj_lib.broadcast_from_first_replica(two_replicas, per_replica)
+  np.testing.assert_array_equal(result, values[0])
+  assert result.dtype == np.int32
+  floats = np.array([0.1, -2.5e-7, 3e5], np.float32)
+  np.testing.assert_array_equal(
+      obj_lib.broadcast_from_first_replica(two_replicas, floats), floats)
+  one = obj_lib.broadcast_from_first_replica(tf.distribute.get_strategy(),
+                                             values[1])
+  np.testing.assert_array_equal(one, values[1])

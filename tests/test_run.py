@@ -15,6 +15,7 @@ import config as config_lib
 import data as data_lib
 import experiment as experiment_lib
 import run
+import trainer as trainer_lib
 from conftest import two_replica_strategy
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -186,8 +187,8 @@ def test_resume_with_other_model_is_refused_without_damage(pretrained):
     ({'ft_proj_selector': 5}, '--ft_proj_selector=5'),
     ({'mode': 'eval', 'lineareval_while_pretraining': False},
      '--lineareval_while_pretraining'),
-    ({'steps_per_loop': 3, 'train_summary_steps': 4},
-     '--train_summary_steps=4 must be a multiple of --steps_per_loop=3'),
+    ({'train_summary_steps': -1}, '--train_summary_steps must not be'),
+    ({'num_proj_layers': -1}, '--num_proj_layers must not be negative'),
     ({'objective': 'nope'}, 'Unknown --objective'),
     ({'checkpoint': '/nonexistent/ckpt-1'}, '/nonexistent/ckpt-1.index'),
     ({'dataset': 'not_a_dataset_xyz'}, 'not_a_dataset_xyz'),
@@ -231,3 +232,61 @@ def test_command_line_exit_code(tmp_path):
   assert proc.returncode != 0
   assert '--fine_tune_after_block freezes blocks' in proc.stderr
   assert not os.path.exists(tmp_path / 'cli')
+
+
+# ------------------------------------------ --train_summary_steps
+
+
+def train_scalar_steps(model_dir, tag='train/loss'):
+  """The steps of the `tag` scalar events in model_dir's own event files."""
+  steps = []
+  for path in tf.io.gfile.glob(os.path.join(model_dir, 'events.out.*')):
+    for event in tf.compat.v1.train.summary_iterator(path):
+      steps += [event.step for value in event.summary.value
+                if value.tag == tag]
+  return sorted(steps)
+
+
+@pytest.mark.parametrize('period, written', [
+    (None, [3, 6]),  # unset: every host loop
+    (4, [6]),        # the loop (3, 6] reached 4
+])
+def test_train_summary_steps_is_the_scalar_period(tmp_path, period, written):
+  """Six steps in host loops of checkpoint_steps = 3, which the period does
+  not shorten: scalars at the first loop boundary at or after each multiple
+  of --train_summary_steps. (0 = off: the README commands of
+  tests/test_original_commands.py.)"""
+  model_dir = str(tmp_path / 'summaries')
+  overrides = dict(TINY, model_dir=model_dir, image_size=16,
+                   width_multiplier=0.125, train_steps=6, checkpoint_steps=3,
+                   mode='train')
+  del overrides['train_summary_steps']
+  if period is not None:
+    overrides['train_summary_steps'] = period
+  run.run(config_lib.from_argv([f'--{k}={v}' for k, v in overrides.items()]))
+  assert train_scalar_steps(model_dir) == written
+  assert train_scalar_steps(model_dir, 'train/learning_rate') == written
+  assert tf.train.latest_checkpoint(model_dir).endswith('ckpt-6')
+
+
+@pytest.mark.parametrize('period, start, loop_ends, written', [
+    (3, 0, [2, 4, 6, 8, 10], [4, 6, 10]),
+    (5, 0, [4, 6, 10, 12, 14, 16], [6, 10, 16]),
+    (1, 0, [3, 6, 9], [3, 6, 9]),  # shorter than a loop: every loop
+    # Resumed at step 3: the first loop, (3, 5], reached 4.
+    (4, 3, [5, 7, 9], [5, 9]),
+])
+def test_periodic_summary_manager_rule(tmp_path, period, start, loop_ends,
+                                       written):
+  global_step = tf.Variable(start, dtype=tf.int64)
+  loop_start = [None]
+  manager = trainer_lib.PeriodicSummaryManager(
+      str(tmp_path), global_step, period,
+      loop_start_step=lambda: loop_start[0])
+  for end in loop_ends:
+    loop_start[0] = int(global_step.numpy())
+    global_step.assign(end)
+    manager.write_summaries({'train/loss': 1.0, 'steps_per_second': 2.0})
+  manager.flush()
+  assert train_scalar_steps(str(tmp_path)) == written
+  assert train_scalar_steps(str(tmp_path), 'steps_per_second') == written
