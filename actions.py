@@ -23,8 +23,8 @@ class PeriodicAction:
   """An orbit train action that runs every `period_steps` global steps.
 
   Due rule: after a host loop that moved the global step across a multiple
-  of `period_steps` (steps_per_loop is made to divide the period, so that
-  is the multiple itself), at steps > 0. Before the first loop `start()`
+  of `period_steps` (at the multiple itself when loops divide the period,
+  else at the first loop boundary after it), at steps > 0. Before the first loop `start()`
   marks the current step as seen and runs at once if `due_at_start(step)`.
 
   `run(step, outputs)` returns a record (a JSON-able dict, or None). With a

@@ -80,7 +80,8 @@ def define_flags(flag_values=FLAGS):
                 '<split>/<class>/*.jpg, or "digits" (embedded, no '
                 'download).')
   DEFINE_bool('cache_dataset', False,
-              'Whether to cache the entire dataset in memory.')
+              'Cache the decoded eval split in memory (training reads its '
+              'examples by index, or TFDS records, and does not cache).')
   DEFINE_enum('mode', 'train',
               ['train', 'eval', 'train_then_eval', 'preview'],
               'Whether to perform training or evaluation (eval watches '
@@ -246,8 +247,21 @@ def define_flags(flag_values=FLAGS):
   DEFINE_bool('skip_corrupt_images', False,
               'Image folders: skip (and count) unreadable files instead '
               'of stopping with an error that names them.')
-  DEFINE_integer('seed', None, 'Random seed for shuffling and '
-                 'initialisation (unset: nondeterministic).')
+  DEFINE_integer('seed', None, 'Random seed for initialisation, the '
+                 'example order and the augmentations (unset: drawn at '
+                 'random and kept in the checkpoint).')
+  DEFINE_bool('deterministic', False, 'Reproducible runs: TF op '
+              'determinism on top of the seeded example order and '
+              'augmentations, so two runs with the same --seed (and a run '
+              'resumed after a kill) compute the same weights. Needs '
+              '--seed; not with RandAugment.')
+  DEFINE_integer('skip_nonfinite_steps', 0, 'A step whose loss is NaN or '
+                 'infinite stops the run (the latest checkpoint stays the '
+                 'last good one). N > 0: skip such steps (no update) and '
+                 'stop after N of them.')
+  DEFINE_bool('allow_flag_changes', False, 'Resume a model_dir even when '
+              'a flag that changes the meaning of its checkpoint (see '
+              'IDENTITY_FLAGS in config.py) differs from its flags.json.')
 
   # --- Evaluation protocols (evaluate.py). ---
   DEFINE_string('train_subset', None, 'A file listing the keys of the '
@@ -352,6 +366,7 @@ class ScheduleConfig:
   train_epochs: int = 100
   train_steps: int = 0  # 0: from train_epochs
   steps_per_loop: int = 0  # 0: derived from the periods
+  skip_nonfinite_steps: int = 0  # 0: a non-finite loss stops the run
   train_summary_steps: Optional[int] = None  # None: every host loop; 0: off
 
 
@@ -365,6 +380,7 @@ class CheckpointConfig:
   keep_checkpoint_max: int = 5
   keep_hub_module_max: int = 1
   export_format: str = 'both'  # checkpoints.EXPORT_FORMATS
+  allow_flag_changes: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -447,6 +463,7 @@ class ExperimentConfig:
   evaluation: EvalConfig = EvalConfig()
   distribution: DistributionConfig = DistributionConfig()
   seed: Optional[int] = None
+  deterministic: bool = False
   # The command-line flags this config came from (written to flags.json).
   flag_values: Optional[dict] = dataclasses.field(default=None, compare=False,
                                                repr=False)
@@ -508,7 +525,8 @@ def parse_num_clusters(value):
   try:
     return tuple(int(v) for v in value)
   except (TypeError, ValueError) as e:
-    raise ValueError(f'--ifnd_num_clusters={value!r} must be a comma-'
+    text = value if isinstance(value, str) else ','.join(map(str, value))
+    raise ValueError(f'--ifnd_num_clusters={text} must be a comma-'
                      'separated list of integers, e.g. 10,30,100.') from e
 
 
@@ -574,7 +592,8 @@ def from_flags(flag_values=FLAGS):
       evaluation=evaluation_config(fv),
       distribution=_fill(DistributionConfig, fv,
                          {'strategy': 'distribution_strategy'}),
-      seed=fv.seed, flag_values=json_flags(fv))
+      seed=fv.seed, deterministic=fv.deterministic,
+      flag_values=json_flags(fv))
 
 
 def feature_eval_config(flag_values=FLAGS):
@@ -625,6 +644,26 @@ def json_flags(flag_values=FLAGS):
 # ---------------------------------------------------------------------------
 # Validation.
 # ---------------------------------------------------------------------------
+
+# Flags whose change alters what a model_dir's checkpoint means (its shapes,
+# its objective state, its data): resuming a model_dir whose flags.json
+# differs in one of them is refused unless --allow_flag_changes. A change of
+# any other flag (learning rate, epochs, logging...) is logged as a warning.
+IDENTITY_FLAGS = (
+    'objective', 'train_mode', 'dataset', 'train_split', 'train_subset',
+    'train_batch_size', 'image_size', 'resnet_depth', 'width_multiplier',
+    'sk_ratio', 'se_ratio', 'proj_head_mode', 'proj_out_dim',
+    'num_proj_layers', 'num_classes', 'lineareval_while_pretraining',
+    'optimizer', 'memory_multiplier', 'support_size', 'dcl_u_store',
+    'ifnd_num_clusters', 'DCL_mode', 'GCL_mode', 'BI_mode')
+
+# --distribution_strategy values (official.common.distribute_utils).
+STRATEGIES = ('one_device', 'mirrored', 'multi_worker_mirrored', 'tpu', 'off')
+
+# The CIFAR stem (image_size ≤ 32) keeps full resolution and the three
+# stride-2 block groups divide it by 8: below this, the last groups see
+# 1-pixel maps of padding.
+MIN_IMAGE_SIZE = 8
 
 
 def projection_layer_count(proj_head_mode, num_proj_layers):
@@ -687,6 +726,32 @@ def validate_flags(flag_values=FLAGS):
       errors.append(f'--{name} must not be negative.')
   if fv.train_steps == 0 and fv.train_epochs == 0 and fv.mode != 'eval':
     errors.append('--train_epochs=0 and --train_steps=0: nothing to train.')
+  if 0 < fv.image_size < MIN_IMAGE_SIZE:
+    errors.append(f'--image_size={fv.image_size} is below '
+                  f'{MIN_IMAGE_SIZE}, the smallest input the ResNet\'s '
+                  'stride-2 block groups can downsample; use 32 (CIFAR '
+                  'stem) or 224 (ImageNet stem).')
+  if fv.learning_rate <= 0:
+    errors.append(f'--learning_rate={fv.learning_rate} must be positive '
+                  '(a negative rate trains by gradient ascent).')
+  if fv.warmup_epochs < 0:
+    errors.append('--warmup_epochs must not be negative.')
+  if fv.weight_decay < 0:
+    errors.append('--weight_decay must not be negative.')
+  if not 0 <= fv.momentum < 1:
+    errors.append(f'--momentum={fv.momentum} must be in [0, 1).')
+  if fv.skip_nonfinite_steps < 0:
+    errors.append('--skip_nonfinite_steps must not be negative (0: a '
+                  'non-finite loss stops the run).')
+  if fv.deterministic and fv.seed is None:
+    errors.append('--deterministic needs --seed (e.g. --seed=0): the '
+                  'seed fixes initialisation, example order and '
+                  'augmentations.')
+  if (fv.distribution_strategy is not None and
+      fv.distribution_strategy.lower() not in STRATEGIES):
+    errors.append(f'Unknown --distribution_strategy='
+                  f'{fv.distribution_strategy!r}; use one of '
+                  f'{", ".join(STRATEGIES)} (or leave it unset to detect).')
   if fv.width_multiplier <= 0:
     errors.append('--width_multiplier must be positive.')
   if fv.temperature <= 0:

@@ -26,8 +26,12 @@ are re-indexed densely in ascending order of their original ids.
 the V views concatenated on the channel axis (view v = channels 3v..3v+2);
 its `input_fn(input_context)` goes to a strategy's
 `distribute_datasets_from_function` (one pipeline per host, sharded through
-the `InputContext`). `eval_view` is the eval preprocessing, shared with the
-padded feature passes of features.py.
+the `InputContext`). Its training input is a pure function of (seed, step),
+so a run resumes at any step with no replayed or skipped example: digits
+and folders are read by index (`DataSource.read_example`) from a stateless
+per-epoch permutation, TFDS from its record files (`record_files`).
+`eval_view` is the eval preprocessing, shared with the padded feature passes
+of features.py.
 """
 import copy
 import logging
@@ -49,13 +53,18 @@ _KINDS_HELP = (
     "dataset such as 'cifar10' or 'imagenet2012_subset/1pct'.")
 
 
-def _shard_indices(num_examples, input_context):
-  """Dataset of the example indices this input pipeline owns (round robin)."""
+def _load_by_index(source, split, input_context, shuffle_files, seed):
+  """`DataSource.load` of a random-access source: the ids this input
+  pipeline owns (round robin), optionally shuffled, read by index."""
+  num_examples = source.num_examples(split)
   ds = tf.data.Dataset.range(num_examples)
   if input_context is not None and input_context.num_input_pipelines > 1:
     ds = ds.shard(input_context.num_input_pipelines,
                   input_context.input_pipeline_id)
-  return ds
+  if shuffle_files:
+    ds = ds.shuffle(num_examples, seed=seed, reshuffle_each_iteration=True)
+  return ds.map(lambda i: source.read_example(split, i),
+                num_parallel_calls=_AUTOTUNE)
 
 
 class DataSource:
@@ -72,6 +81,29 @@ class DataSource:
   @property
   def splits(self):
     raise NotImplementedError
+
+  @property
+  def supports_random_access(self):
+    """Whether `read_example` works (digits, folders); else the training
+    input reads `record_files` in sequence (TFDS)."""
+    return False
+
+  def read_example(self, split, index):
+    """Example `index` (scalar int tensor, the dense id) of `split` as
+    {'image', 'label', 'id'}, built from tensor ops so that it runs inside
+    a tf.data map. Random-access sources only."""
+    raise NotImplementedError(f'{type(self).__name__} has no random access.')
+
+  def record_files(self, split):
+    """(paths, ids) of a sequential source: its TFRecord files of `split` in
+    file order and, per file, an int array with the dense id of each record
+    (-1: not an example of the split). TFDS only."""
+    raise NotImplementedError(f'{type(self).__name__} has no record files.')
+
+  def decode_record(self, serialized):
+    """{'image': uint8 HxWx3, 'label': int32} of one record of
+    `record_files` (tensor ops, for a tf.data map)."""
+    raise NotImplementedError(f'{type(self).__name__} has no record files.')
 
   def num_examples(self, split):
     """Number of examples N of `split`; ids are 0..N-1."""
@@ -193,20 +225,20 @@ class DigitsSource(DataSource):
     restricted._data[self._resolve(split)] = (images[ids], labels[ids])  # pylint: disable=protected-access
     return restricted
 
+  @property
+  def supports_random_access(self):
+    return True
+
+  def read_example(self, split, index):
+    images, labels = self.arrays(split)
+    return {'image': tf.gather(tf.constant(images), index),
+            'label': tf.gather(tf.constant(labels), index),
+            'id': tf.cast(index, tf.int32)}
+
   def load(self, split, input_context=None, shuffle_files=False, seed=None,
            shard_by_example=False):
     del shard_by_example  # shares are always by example here
-    images, labels = self.arrays(split)
-    images_t = tf.constant(images)
-    labels_t = tf.constant(labels)
-    ds = _shard_indices(len(labels), input_context)
-    if shuffle_files:
-      ds = ds.shuffle(len(labels), seed=seed, reshuffle_each_iteration=True)
-
-    def lookup(i):
-      return {'image': tf.gather(images_t, i), 'label': tf.gather(labels_t, i),
-              'id': tf.cast(i, tf.int32)}
-    return ds.map(lookup, num_parallel_calls=_AUTOTUNE)
+    return _load_by_index(self, split, input_context, shuffle_files, seed)
 
 
 def _decode_file(path):
@@ -333,20 +365,20 @@ class ImageFolderSource(DataSource):
   def num_examples(self, split):
     return len(self._split_files(split)[0])
 
+  @property
+  def supports_random_access(self):
+    return True
+
+  def read_example(self, split, index):
+    paths, labels = self._split_files(split)
+    return {'image': _decode_file(tf.gather(tf.constant(paths), index)),
+            'label': tf.gather(tf.constant(labels, tf.int32), index),
+            'id': tf.cast(index, tf.int32)}
+
   def load(self, split, input_context=None, shuffle_files=False, seed=None,
            shard_by_example=False):
     del shard_by_example  # shares are always by example here
-    paths, labels = self._split_files(split)
-    paths_t = tf.constant(paths)
-    labels_t = tf.constant(labels, tf.int32)
-    ds = _shard_indices(len(paths), input_context)
-    if shuffle_files:
-      ds = ds.shuffle(len(paths), seed=seed, reshuffle_each_iteration=True)
-
-    def read(i):
-      return {'image': _decode_file(tf.gather(paths_t, i)),
-              'label': tf.gather(labels_t, i), 'id': tf.cast(i, tf.int32)}
-    return ds.map(read, num_parallel_calls=_AUTOTUNE)
+    return _load_by_index(self, split, input_context, shuffle_files, seed)
 
   def find_unreadable(self, split):
     """Every file of `split` (as listed on disk) that fails to decode."""
@@ -544,6 +576,36 @@ class TFDSSource(DataSource):
     self._check_split(split)
     return np.asarray(self._scan(split, self._label_key), np.int32)
 
+  def _to_example(self, ex):
+    """{'image': uint8 HxWx3, 'label': int32} of a decoded TFDS example."""
+    image = ex[self._image_key]
+    if self._channels == 1:
+      image = tf.image.grayscale_to_rgb(image)
+    elif self._channels == 4:
+      image = image[..., :3]
+    return {'image': image, 'label': tf.cast(ex[self._label_key], tf.int32)}
+
+  def record_files(self, split):
+    """The split's shard files; record R of shard S has id offset[S] + R,
+    the id `load` derives from the tfds_id."""
+    self._check_split(split)
+    file_format = str(getattr(self.builder.info, 'file_format', 'tfrecord'))
+    if 'tfrecord' not in file_format.lower():
+      raise ValueError(
+          f'TFDS dataset {self.name!r} is stored as {file_format}; the '
+          f'training input reads TFRecord files only.')
+    offsets = self._shard_offsets(split)
+    info = self.builder.info.splits[split]
+    paths = [os.path.join(self.builder.data_dir, name)
+             for name in info.filenames]
+    ids = [np.arange(length, dtype=np.int64) + offset
+           for offset, length in zip(offsets, info.shard_lengths)]
+    return paths, ids
+
+  def decode_record(self, serialized):
+    return self._to_example(
+        self.builder.info.features.deserialize_example(serialized))
+
   def load(self, split, input_context=None, shuffle_files=False, seed=None,
            shard_by_example=False):
     self._check_split(split)
@@ -562,8 +624,6 @@ class TFDSSource(DataSource):
     ds = self.builder.as_dataset(split=read_split,
                                  shuffle_files=shuffle_files,
                                  read_config=read_config)
-    image_key, label_key, channels = (self._image_key, self._label_key,
-                                      self._channels)
 
     def convert(ex):
       tfds_id = ex['tfds_id']
@@ -571,14 +631,8 @@ class TFDSSource(DataSource):
           tfds_id, r'^.*-(\d+)-of-\d+__\d+$', r'\1'), tf.int64)
       record = tf.strings.to_number(
           tf.strings.regex_replace(tfds_id, r'^.*__(\d+)$', r'\1'), tf.int64)
-      image = ex[image_key]
-      if channels == 1:
-        image = tf.image.grayscale_to_rgb(image)
-      elif channels == 4:
-        image = image[..., :3]
-      return {'image': image,
-              'label': tf.cast(ex[label_key], tf.int32),
-              'id': tf.cast(tf.gather(offsets, shard) + record, tf.int32)}
+      return dict(self._to_example(ex),
+                  id=tf.cast(tf.gather(offsets, shard) + record, tf.int32))
     return ds.map(convert, num_parallel_calls=_AUTOTUNE)
 
 
@@ -679,9 +733,11 @@ def _check_subset_ids(ids, num_examples):
 class _FilteredSource(DataSource):
   """A source whose `split` keeps only `ids` (re-indexed 0..n-1).
 
-  Every example of the split is still read and the others are dropped,
-  so an epoch costs a full pass over the original split (for ImageNet's
-  1 % / 10 % prefer the TFDS datasets imagenet2012_subset/1pct, /10pct).
+  Over a random-access base only the kept examples are read. Over TFDS
+  every record of the split is still read and the others are dropped
+  (before decoding in training), so an epoch costs a full read of the
+  original split (for ImageNet's 1 % / 10 % prefer the TFDS datasets
+  imagenet2012_subset/1pct, /10pct).
   """
 
   def __init__(self, base, split, ids):
@@ -715,12 +771,35 @@ class _FilteredSource(DataSource):
   def find_unreadable(self, split):
     return self._base.find_unreadable(split)
 
+  @property
+  def supports_random_access(self):
+    return self._base.supports_random_access
+
+  def read_example(self, split, index):
+    if split != self._split:
+      return self._base.read_example(split, index)
+    example = self._base.read_example(
+        split, tf.gather(tf.constant(self._ids), index))
+    return dict(example, id=tf.cast(index, tf.int32))
+
+  def record_files(self, split):
+    paths, ids = self._base.record_files(split)
+    if split == self._split:
+      ids = [np.where(i >= 0, self._new_ids[np.maximum(i, 0)], -1)
+             for i in ids]
+    return paths, ids
+
+  def decode_record(self, serialized):
+    return self._base.decode_record(serialized)
+
   def load(self, split, input_context=None, shuffle_files=False, seed=None,
            shard_by_example=False):
     if split != self._split:
       return self._base.load(split, input_context=input_context,
                              shuffle_files=shuffle_files, seed=seed,
                              shard_by_example=shard_by_example)
+    if self.supports_random_access:  # Round robin by new id: by example.
+      return _load_by_index(self, split, input_context, shuffle_files, seed)
     # By example: the kept ids of an even share of the base need not be
     # even, so every pipeline reads the whole split and keeps new id mod P.
     by_example = (shard_by_example and input_context is not None and
@@ -749,76 +828,227 @@ def eval_view(image, image_size):
                                     test_crop=image_size > 32)
 
 
+# Sub-keys of a run's input key: example order, augmentation.
+_ORDER, _AUGMENT = 0, 1
+_NO_END = 2**62  # "infinitely many" epochs for Dataset.range
+
+
+def _fold(key, *values):
+  """`key` ([2] int64) with each of `values` folded in, in turn."""
+  for value in values:
+    key = tf.random.experimental.stateless_fold_in(key, tf.cast(value,
+                                                                tf.int64))
+  return key
+
+
+def _pipeline_rows(global_batch_size, input_context):
+  """(rows per step of this pipeline, its first row within the global
+  batch, per-replica batch): pipeline p holds rows [p·m, (p+1)·m) of every
+  global batch, m = B / P, as its replicas' b-row batches in replica order."""
+  if input_context is None:
+    return global_batch_size, 0, global_batch_size
+  per_replica = input_context.get_per_replica_batch_size(global_batch_size)
+  pipelines = input_context.num_input_pipelines
+  replicas = input_context.num_replicas_in_sync
+  if replicas % pipelines:
+    raise ValueError(f'{replicas} replicas do not split evenly over '
+                     f'{pipelines} input pipelines.')
+  rows = per_replica * (replicas // pipelines)
+  return rows, input_context.input_pipeline_id * rows, per_replica
+
+
+def _indexed_stream(num_examples, order_key, global_batch_size, rows,
+                    first_row, start_step):
+  """{'epoch', 'index'} of this pipeline's rows from step `start_step` on.
+
+  The global stream is the epochs' orders concatenated: position s is
+  example perm_e[s - e·N] of epoch e = s // N, perm_e a stateless shuffle of
+  range(N) keyed by (order_key, e). The global batch of step t is
+  positions [t·B, (t+1)·B); this pipeline keeps the positions whose row
+  s mod B is in [first_row, first_row + rows). One O(N) integer pass per
+  epoch; resuming starts at the epoch of step `start_step` and reads nothing
+  before it.
+  """
+  n = num_examples
+  start = start_step * global_batch_size
+
+  def epoch_rows(epoch):
+    perm = tf.random.experimental.stateless_shuffle(
+        tf.range(n, dtype=tf.int64), _fold(order_key, epoch))
+    position = epoch * n + tf.range(n, dtype=tf.int64)
+    row = position % global_batch_size
+    keep = ((position >= start) & (row >= first_row) &
+            (row < first_row + rows))
+    index = tf.boolean_mask(perm, keep)
+    return tf.data.Dataset.from_tensor_slices(
+        {'epoch': tf.fill(tf.shape(index), epoch), 'index': index})
+  return tf.data.Dataset.range(start // n, _NO_END).flat_map(epoch_rows)
+
+
+def _record_stream(source, split, order_key, input_context, rows,
+                   start_step, window):
+  """{'epoch', 'id', 'serialized'} of this pipeline's records from step
+  `start_step` on, for a source without random access (TFDS).
+
+  Pipeline p of P reads files p, p + P, ... (per-host file sharding). Epoch
+  e: its files in a stateless order keyed by (order_key, e), interleaved
+  record by record, records outside the split dropped, then shuffled in
+  consecutive windows of `window` records (stateless, keyed by
+  (order_key, e, window index): no tf.data shuffle, whose order would also
+  depend on TF's global seed). Resuming at row start_step·rows of this
+  pipeline starts at its epoch and skips the rows before it within that
+  epoch: at most one epoch of this pipeline's records is read (not
+  decoded) to resume.
+  """
+  paths, ids = source.record_files(split)
+  pipelines, pipeline = ((input_context.num_input_pipelines,
+                          input_context.input_pipeline_id)
+                         if input_context is not None else (1, 0))
+  if len(paths) < pipelines:
+    raise ValueError(f'Split {split!r} of {source.name!r} has {len(paths)} '
+                     f'files, fewer than the {pipelines} input pipelines.')
+  paths, ids = paths[pipeline::pipelines], ids[pipeline::pipelines]
+  table = np.concatenate(ids).astype(np.int32)
+  file_starts = np.concatenate([[0], np.cumsum([len(i) for i in ids])[:-1]])
+  num_rows = int((table >= 0).sum())
+  if num_rows == 0:
+    raise ValueError(f'Input pipeline {pipeline} has no example of split '
+                     f'{split!r} of {source.name!r}.')
+  start_epoch, offset = divmod(start_step * rows, num_rows)
+  paths_t, starts_t = tf.constant(paths), tf.constant(file_starts, tf.int64)
+  table_t = tf.constant(table)
+
+  def read_file(f):
+    return tf.data.TFRecordDataset(tf.gather(paths_t, f)).enumerate().map(
+        lambda r, record: {'id': tf.gather(table_t, starts_t[f] + r),
+                           'serialized': record})
+
+  def shuffle_window(key, w, block):
+    perm = tf.random.experimental.stateless_shuffle(
+        tf.range(tf.shape(block['id'])[0]), _fold(key, 1, w))
+    return tf.data.Dataset.from_tensor_slices(
+        tf.nest.map_structure(lambda t: tf.gather(t, perm), block))
+
+  def epoch_records(epoch):
+    key = _fold(order_key, epoch)
+    order = tf.random.experimental.stateless_shuffle(
+        tf.range(len(paths), dtype=tf.int64), _fold(key, 0))
+    ds = tf.data.Dataset.from_tensor_slices(order).interleave(
+        read_file, cycle_length=min(32, len(paths)), block_length=1,
+        num_parallel_calls=_AUTOTUNE, deterministic=True)
+    ds = ds.filter(lambda r: r['id'] >= 0).batch(window).enumerate()
+    ds = ds.flat_map(lambda w, block: shuffle_window(key, w, block))
+    ds = ds.skip(tf.where(epoch == start_epoch, tf.constant(offset, tf.int64),
+                          tf.constant(0, tf.int64)))
+    return ds.map(lambda r: dict(r, epoch=epoch))
+  return tf.data.Dataset.range(start_epoch, _NO_END).flat_map(epoch_records)
+
+
 def build_input_fn(source, split, global_batch_size, is_training, image_size,
                    num_views=2, train_mode='pretrain',
                    color_jitter_strength=1.0, use_blur=True,
                    crop_area_min=0.08, randaugment=None, cache_dataset=False,
-                   shuffle_buffer=None, seed=None):
+                   shuffle_buffer=None, seed=None, start_step=0):
   """Returns `input_fn(input_context=None) -> tf.data.Dataset` of batches.
 
   Batch: {'image': float32 [b, H, W, 3V], 'label': int32 [b], 'id': int32
   [b]}, b = per-replica batch (global batch when no context). Views:
-  pretrain training -> `num_views` independent colour-distorted crops
-  (`use_blur`, `randaugment` apply here); finetune training -> 1 crop + flip
-  view; both crop an area in [`crop_area_min`, 1] (FNC's fine-tuning uses
-  0.2); eval -> 1 view, centre crop only if image_size > 32.
-  Training: (cache) -> shuffle (min(N, 50000), reshuffled per epoch) ->
-  repeat -> augment -> batch(drop_remainder) -> prefetch. Eval: one pass,
-  last partial batch kept.
+  pretrain training -> `num_views` colour-distorted crops (`use_blur`,
+  `randaugment` apply here); finetune training -> 1 crop + flip view; both
+  crop an area in [`crop_area_min`, 1] (FNC's fine-tuning uses 0.2); eval ->
+  1 view, centre crop only if image_size > 32.
+
+  Training (endless, drop_remainder) is a pure function of (`seed`, step),
+  `seed` a required int, and starts at the batch of step `start_step`:
+  * Random access (digits, folders, their subsets): epoch e is a stateless
+    permutation of the ids keyed by (seed, e); the epochs concatenated form
+    one stream whose positions [t·B, (t+1)·B) are the global batch of step
+    t, replica r holding rows [r·b, (r+1)·b). So the examples of a step, and
+    their replica order, do not depend on the number of input pipelines.
+    Resuming skips the index stream only (see `_indexed_stream`).
+  * TFDS: each pipeline reads its own files (see `_record_stream`); the
+    batches then depend on the number of pipelines. Resuming reads at most
+    one epoch of records.
+  The views of example id i in epoch e use the keys (seed, e, i, v),
+  v = 0..V-1, so they are the same however the example is reached (RandAugment
+  excepted: stateful, see data_util). `cache_dataset` and `shuffle_buffer`
+  (the TFDS shuffle window, default min(N, 50000)) concern only TFDS; the
+  training input does not cache: it reads by index or serialized records.
+  Eval: one pass in id order, (cache), last partial batch kept.
   """
   if train_mode not in ('pretrain', 'finetune'):
     raise ValueError(f"train_mode must be 'pretrain' or 'finetune', got "
                      f'{train_mode!r}.')
   if is_training and train_mode == 'pretrain' and num_views < 1:
     raise ValueError(f'num_views must be >= 1, got {num_views}.')
+  if is_training and (isinstance(seed, bool) or
+                      not isinstance(seed, (int, np.integer))):
+    raise ValueError(f'Training input needs an int seed, got {seed!r}.')
+  if int(start_step) < 0:
+    raise ValueError(f'start_step must be >= 0, got {start_step}.')
   num_examples = source.num_examples(split)
+  num_views = num_views if train_mode == 'pretrain' else 1
 
-  def one_view(image, **kwargs):
+  def augment(image, key):
+    if train_mode == 'pretrain':
+      return data_util.preprocess_image(
+          image, image_size, image_size, is_training=True,
+          color_distort=True, color_jitter_strength=color_jitter_strength,
+          use_blur=use_blur, crop_area_min=crop_area_min,
+          randaugment=randaugment, seed=key)
     return data_util.preprocess_image(
-        image, image_size, image_size,
-        color_jitter_strength=color_jitter_strength, **kwargs)
+        image, image_size, image_size, is_training=True, color_distort=False,
+        use_blur=False, crop_area_min=crop_area_min, seed=key)
 
-  def pretrain_views(image):
-    """`num_views` independent draws of the pretraining augmentation.
+  def train_views(example, epoch):
+    """The views of one example, keyed by (seed, epoch, id, view).
 
-    One traced augmentation run num_views times (tf.map_fn; its random ops
-    draw anew in every iteration), not num_views traced copies: with
-    RandAugment, FNC's 10 copies took ~40 s to build and trace.
+    One traced augmentation run over the V view keys (tf.map_fn), not V
+    traced copies: with RandAugment, FNC's 10 copies took ~40 s to trace.
     """
-    def augment(one_image):
-      return one_view(one_image, is_training=True, color_distort=True,
-                      use_blur=use_blur, crop_area_min=crop_area_min,
-                      randaugment=randaugment)
-    views = tf.map_fn(augment, tf.stack([image] * num_views),
+    key = _fold(tf.constant([seed, 0], tf.int64), _AUGMENT, epoch,
+                example['id'])
+    keys = tf.stack([_fold(key, v) for v in range(num_views)])
+    views = tf.map_fn(lambda k: augment(example['image'], k), keys,
                       fn_output_signature=tf.float32,
                       parallel_iterations=num_views)
-    return tf.unstack(views, num=num_views)
+    return {'image': tf.concat(tf.unstack(views, num=num_views), axis=-1),
+            'label': example['label'], 'id': example['id']}
 
-  def make_views(example):
-    image = example['image']
-    if not is_training:
-      views = [eval_view(image, image_size)]
-    elif train_mode == 'pretrain':
-      views = pretrain_views(image)
+  def train_input_fn(input_context):
+    rows, first_row, batch_size = _pipeline_rows(global_batch_size,
+                                                 input_context)
+    order_key = _fold(tf.constant([seed, 0], tf.int64), _ORDER)
+    if source.supports_random_access:
+      ds = _indexed_stream(num_examples, order_key, global_batch_size, rows,
+                           first_row, int(start_step))
+      ds = ds.map(lambda r: train_views(source.read_example(split, r['index']),
+                                        r['epoch']),
+                  num_parallel_calls=_AUTOTUNE)
     else:
-      views = [one_view(image, is_training=True, color_distort=False,
-                        use_blur=False, crop_area_min=crop_area_min)]
-    return {'image': tf.concat(views, axis=-1), 'label': example['label'],
-            'id': example['id']}
+      window = shuffle_buffer or min(num_examples, 50_000)
+      ds = _record_stream(source, split, order_key, input_context, rows,
+                          int(start_step), window)
+      ds = ds.map(lambda r: train_views(
+          dict(source.decode_record(r['serialized']), id=r['id']),
+          r['epoch']), num_parallel_calls=_AUTOTUNE)
+    ds = ds.batch(batch_size, drop_remainder=True)
+    return ds.prefetch(_AUTOTUNE)
 
-  def input_fn(input_context=None):
+  def eval_input_fn(input_context):
     batch_size = (input_context.get_per_replica_batch_size(global_batch_size)
                   if input_context is not None else global_batch_size)
-    ds = source.load(split, input_context=input_context,
-                     shuffle_files=is_training, seed=seed)
+    ds = source.load(split, input_context=input_context)
     if cache_dataset:
       ds = ds.cache()
+    ds = ds.map(lambda ex: {'image': eval_view(ex['image'], image_size),
+                            'label': ex['label'], 'id': ex['id']},
+                num_parallel_calls=_AUTOTUNE)
+    return ds.batch(batch_size).prefetch(_AUTOTUNE)
+
+  def input_fn(input_context=None):
     if is_training:
-      buffer = shuffle_buffer or min(num_examples, 50_000)
-      ds = ds.shuffle(buffer, seed=seed, reshuffle_each_iteration=True)
-      ds = ds.repeat()
-    ds = ds.map(make_views, num_parallel_calls=_AUTOTUNE)
-    ds = ds.batch(batch_size, drop_remainder=is_training)
-    return ds.prefetch(_AUTOTUNE)
+      return train_input_fn(input_context)
+    return eval_input_fn(input_context)
 
   return input_fn

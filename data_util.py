@@ -2,10 +2,22 @@
 
 Modelled on SimCLR's TF2 ``data_util.py`` but without flags: every option is
 an argument. Every function works on ONE image at a time (HxWx3, float32 in
-[0, 1]) so it can run inside ``tf.data.Dataset.map``. All randomness comes
-from ordinary stateful TF random ops (``tf.random.uniform`` and friends), so
-each call site in a traced function draws independently: two views built from
-the same image by two calls differ.
+[0, 1]) so it can run inside ``tf.data.Dataset.map``.
+
+Randomness is stateless: every random function takes a required ``seed``, a
+key of shape [2] (int32 or int64, as ``tf.random.stateless_*`` want), and its
+output is a pure function of (image, seed). A function that draws several
+times splits its key (``tf.random.experimental.stateless_split``) into a
+fixed number of sub-keys, one per draw, whatever options are on, so turning
+blur on does not change the crop. The caller derives one key per view (see
+data.build_input_fn: from the run's seed, the epoch, the example id and the
+view), which makes views reproducible and resumable. ``preprocess_image``
+requires the seed for training; evaluation draws nothing.
+
+RandAugment (Model Garden's ``official.vision.ops.augment``) is the one
+exception: its ops use stateful TF random ops and take no key, so views
+with RandAugment are neither reproducible nor exactly resumable (the other
+draws of such a view still follow its key).
 
 Train view (SPEC §6, §7):
   Inception crop (area [crop_area_min, 1], aspect [3/4, 4/3], 100 attempts,
@@ -33,27 +45,32 @@ import tensorflow as tf
 CROP_PROPORTION = 0.875  # Standard for ImageNet.
 
 
-def random_apply(func, p, x):
-  """Returns func(x) with probability p, else x (one tf.random.uniform draw)."""
+def _split(seed, num):
+  """`num` independent sub-keys of the key `seed` (a [num, 2] tensor)."""
+  return tf.random.experimental.stateless_split(seed, num=num)
+
+
+def random_apply(func, p, x, *, seed):
+  """Returns func(x) with probability p, else x (one U[0, 1) draw from seed)."""
   return tf.cond(
-      tf.less(tf.random.uniform([], minval=0, maxval=1, dtype=tf.float32),
+      tf.less(tf.random.stateless_uniform([], seed, dtype=tf.float32),
               tf.cast(p, tf.float32)),
       lambda: func(x),
       lambda: x)
 
 
-def random_brightness(image, max_delta, impl='simclrv2'):
+def random_brightness(image, max_delta, impl='simclrv2', *, seed):
   """Random brightness.
 
   simclrv2: multiplicative, image * f with f ~ U[max(0, 1 - max_delta),
-  1 + max_delta]. simclrv1: additive, tf.image.random_brightness.
+  1 + max_delta]. simclrv1: additive, tf.image.stateless_random_brightness.
   """
   if impl == 'simclrv2':
-    factor = tf.random.uniform([], tf.maximum(1.0 - max_delta, 0),
-                               1.0 + max_delta)
+    factor = tf.random.stateless_uniform(
+        [], seed, tf.maximum(1.0 - max_delta, 0), 1.0 + max_delta)
     return image * factor
   elif impl == 'simclrv1':
-    return tf.image.random_brightness(image, max_delta=max_delta)
+    return tf.image.stateless_random_brightness(image, max_delta, seed)
   raise ValueError('Unknown impl {} for random brightness.'.format(impl))
 
 
@@ -65,32 +82,40 @@ def to_grayscale(image, keep_channels=True):
   return image
 
 
-def _jitter_ops(brightness, contrast, saturation, hue, impl):
-  """The four colour-jitter ops as closures; a zero strength means identity."""
+def _jitter_ops(brightness, contrast, saturation, hue, impl, keys):
+  """The four colour-jitter ops as closures, op k drawing from keys[k]; a
+  zero strength means identity."""
   def bright(x):
     return x if brightness == 0 else random_brightness(
-        x, max_delta=brightness, impl=impl)
+        x, max_delta=brightness, impl=impl, seed=keys[0])
 
   def contr(x):
-    return x if contrast == 0 else tf.image.random_contrast(
-        x, lower=max(0.0, 1.0 - contrast), upper=1.0 + contrast)
+    return x if contrast == 0 else tf.image.stateless_random_contrast(
+        x, lower=max(0.0, 1.0 - contrast), upper=1.0 + contrast,
+        seed=keys[1])
 
   def satur(x):
-    return x if saturation == 0 else tf.image.random_saturation(
-        x, lower=max(0.0, 1.0 - saturation), upper=1.0 + saturation)
+    return x if saturation == 0 else tf.image.stateless_random_saturation(
+        x, lower=max(0.0, 1.0 - saturation), upper=1.0 + saturation,
+        seed=keys[2])
 
   def hue_op(x):
-    # tf.image.random_hue requires max_delta <= 0.5.
-    return x if hue == 0 else tf.image.random_hue(x, max_delta=min(hue, 0.5))
+    # tf.image.stateless_random_hue requires max_delta <= 0.5.
+    return x if hue == 0 else tf.image.stateless_random_hue(
+        x, max_delta=min(hue, 0.5), seed=keys[3])
 
   return [bright, contr, satur, hue_op]
 
 
 def color_jitter_rand(image, brightness=0, contrast=0, saturation=0, hue=0,
-                      impl='simclrv2'):
-  """The four jitter ops in a uniformly random order; clip after each."""
-  ops = _jitter_ops(brightness, contrast, saturation, hue, impl)
-  perm = tf.random.shuffle(tf.range(4))
+                      impl='simclrv2', *, seed):
+  """The four jitter ops in a uniformly random order; clip after each.
+
+  The order is the argsort of 4 uniform draws (a uniform permutation).
+  """
+  keys = _split(seed, 5)
+  ops = _jitter_ops(brightness, contrast, saturation, hue, impl, keys[1:])
+  perm = tf.argsort(tf.random.stateless_uniform([4], keys[0]))
   for i in range(4):
     image = tf.switch_case(
         perm[i], [functools.partial(op, image) for op in ops])
@@ -98,7 +123,7 @@ def color_jitter_rand(image, brightness=0, contrast=0, saturation=0, hue=0,
   return image
 
 
-def color_jitter(image, strength, impl='simclrv2'):
+def color_jitter(image, strength, impl='simclrv2', *, seed):
   """Colour jitter of strength s: brightness/contrast/saturation 0.8s, hue 0.2s,
   in a random order (SPEC §6)."""
   brightness = 0.8 * strength
@@ -106,7 +131,7 @@ def color_jitter(image, strength, impl='simclrv2'):
   saturation = 0.8 * strength
   hue = 0.2 * strength
   return color_jitter_rand(image, brightness, contrast, saturation, hue,
-                           impl=impl)
+                           impl=impl, seed=seed)
 
 
 def apply_randaugment(image, randaugment):
@@ -127,6 +152,7 @@ def make_randaugment(num_layers=2, magnitude=7, **kwargs):
   Its `distort` expects a uint8 (or [0, 255]) HxWx3 image; pass the instance
   as `randaugment=` to the preprocessing functions, which handle conversion.
   Extra kwargs (cutout_const, translate_const, ...) go to the constructor.
+  Its draws are stateful (no key): views using it are not reproducible.
   """
   from official.vision.ops import augment  # pylint: disable=g-import-not-at-top
   return augment.RandAugment(num_layers=num_layers, magnitude=magnitude,
@@ -134,15 +160,18 @@ def make_randaugment(num_layers=2, magnitude=7, **kwargs):
 
 
 def random_color_jitter(image, p=1.0, strength=1.0, impl='simclrv2',
-                        randaugment=None):
+                        randaugment=None, *, seed):
   """With prob p: colour jitter (p=0.8) -> [randaugment] -> grayscale (p=0.2)."""
+  keys = _split(seed, 4)
+
   def _transform(image):
-    jitter = functools.partial(color_jitter, strength=strength, impl=impl)
-    image = random_apply(jitter, p=0.8, x=image)
+    jitter = functools.partial(color_jitter, strength=strength, impl=impl,
+                               seed=keys[1])
+    image = random_apply(jitter, p=0.8, x=image, seed=keys[2])
     if randaugment is not None:
       image = apply_randaugment(image, randaugment)
-    return random_apply(to_grayscale, p=0.2, x=image)
-  return random_apply(_transform, p=p, x=image)
+    return random_apply(to_grayscale, p=0.2, x=image, seed=keys[3])
+  return random_apply(_transform, p=p, x=image, seed=keys[0])
 
 
 def _compute_crop_shape(image_height, image_width, aspect_ratio,
@@ -194,8 +223,9 @@ def center_crop(image, height, width, crop_proportion=CROP_PROPORTION):
 def distorted_bounding_box_crop(image, bbox=None, min_object_covered=0.1,
                                 aspect_ratio_range=(0.75, 1.33),
                                 area_range=(0.05, 1.0), max_attempts=100,
-                                return_box=False):
-  """Random crop via tf.image.sample_distorted_bounding_box (Inception style).
+                                return_box=False, *, seed):
+  """Random crop via tf.image.stateless_sample_distorted_bounding_box
+  (Inception style).
 
   Args:
     image: HxWxC tensor.
@@ -205,14 +235,16 @@ def distorted_bounding_box_crop(image, bbox=None, min_object_covered=0.1,
     area_range: allowed crop area as a fraction of the image area.
     max_attempts: samples tried before falling back to the whole image.
     return_box: also return (offset_y, offset_x, crop_height, crop_width).
+    seed: [2] key of the draw.
   Returns:
     The cropped image (and the box when return_box).
   """
   if bbox is None:
     bbox = tf.constant([0.0, 0.0, 1.0, 1.0], dtype=tf.float32, shape=[1, 1, 4])
   shape = tf.shape(image)
-  begin, size, _ = tf.image.sample_distorted_bounding_box(
-      shape, bounding_boxes=bbox, min_object_covered=min_object_covered,
+  begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
+      shape, bounding_boxes=bbox, seed=seed,
+      min_object_covered=min_object_covered,
       aspect_ratio_range=aspect_ratio_range, area_range=area_range,
       max_attempts=max_attempts, use_image_if_no_bounding_boxes=True)
   offset_y, offset_x, _ = tf.unstack(begin)
@@ -225,7 +257,7 @@ def distorted_bounding_box_crop(image, bbox=None, min_object_covered=0.1,
 
 
 def crop_and_resize(image, height, width, area_range=(0.08, 1.0),
-                    max_attempts=100, return_box=False):
+                    max_attempts=100, return_box=False, *, seed):
   """Inception crop (area area_range, aspect [3/4, 4/3]·width/height), bicubic resize.
 
   With return_box, also returns the crop box (offset_y, offset_x, h, w).
@@ -237,7 +269,7 @@ def crop_and_resize(image, height, width, area_range=(0.08, 1.0),
       aspect_ratio_range=(3. / 4 * aspect_ratio, 4. / 3. * aspect_ratio),
       area_range=area_range,
       max_attempts=max_attempts,
-      return_box=True)
+      return_box=True, seed=seed)
   image = _resize(image, height, width)
   if return_box:
     return image, box
@@ -274,22 +306,25 @@ def gaussian_blur(image, kernel_size, sigma, padding='SAME'):
   return blurred
 
 
-def random_blur(image, height, width, p=0.5):
+def random_blur(image, height, width, p=0.5, *, seed):
   """With prob p, Gaussian blur with σ ~ U(0.1, 2.0) and kernel height // 10."""
   del width
+  keys = _split(seed, 2)
 
   def _transform(image):
-    sigma = tf.random.uniform([], 0.1, 2.0, dtype=tf.float32)
+    sigma = tf.random.stateless_uniform([], keys[1], 0.1, 2.0,
+                                        dtype=tf.float32)
     return gaussian_blur(image, kernel_size=height // 10, sigma=sigma,
                          padding='SAME')
-  return random_apply(_transform, p=p, x=image)
+  return random_apply(_transform, p=p, x=image, seed=keys[0])
 
 
 def preprocess_for_train(image, height, width, color_distort=True, crop=True,
                          flip=True, blur=False, color_jitter_strength=1.0,
                          crop_area_min=0.08, impl='simclrv2',
-                         randaugment=None):
-  """One random training view of a float [0, 1] image (see module docstring).
+                         randaugment=None, *, seed):
+  """The training view of a float [0, 1] image keyed by `seed` ([2] int
+  tensor; the same key gives the same view, see module docstring).
 
   Fine-tuning uses color_distort=False (crop + flip only; the crop keeps
   the area range [crop_area_min, 1]). `randaugment`
@@ -297,20 +332,22 @@ def preprocess_for_train(image, height, width, color_distort=True, crop=True,
   and before grayscale; without colour distortion it runs after the flip.
   Returns a float32 [height, width, 3] tensor in [0, 1].
   """
+  crop_key, flip_key, color_key, blur_key = tf.unstack(_split(seed, 4))
   if crop:
     image = crop_and_resize(image, height, width,
-                            area_range=(crop_area_min, 1.0))
+                            area_range=(crop_area_min, 1.0), seed=crop_key)
   else:
     image = _resize_if_needed(image, height, width)
   if flip:
-    image = tf.image.random_flip_left_right(image)
+    image = tf.image.stateless_random_flip_left_right(image, flip_key)
   if color_distort:
     image = random_color_jitter(image, strength=color_jitter_strength,
-                                impl=impl, randaugment=randaugment)
+                                impl=impl, randaugment=randaugment,
+                                seed=color_key)
   elif randaugment is not None:
     image = apply_randaugment(image, randaugment)
   if blur:
-    image = random_blur(image, height, width, p=0.5)
+    image = random_blur(image, height, width, p=0.5, seed=blur_key)
   image = tf.reshape(image, [height, width, 3])
   return tf.clip_by_value(image, 0., 1.)
 
@@ -328,15 +365,20 @@ def preprocess_for_eval(image, height, width, crop=True):
 def preprocess_image(image, height, width, is_training=False,
                      color_distort=True, test_crop=True, *,
                      color_jitter_strength=1.0, use_blur=False,
-                     crop_area_min=0.08, randaugment=None):
+                     crop_area_min=0.08, randaugment=None, seed=None):
   """Converts uint8 to float [0, 1] and dispatches to train or eval preprocessing.
 
-  test_crop=False skips the eval centre crop (used when image_size <= 32).
+  Training requires `seed`, the [2] key of the view (ValueError without);
+  eval ignores it. test_crop=False skips the eval centre crop (used when
+  image_size <= 32).
   """
   image = tf.image.convert_image_dtype(image, dtype=tf.float32)
   if is_training:
+    if seed is None:
+      raise ValueError('Training preprocessing needs seed=, the [2] key of '
+                       'the view.')
     return preprocess_for_train(
         image, height, width, color_distort=color_distort,
         blur=use_blur, color_jitter_strength=color_jitter_strength,
-        crop_area_min=crop_area_min, randaugment=randaugment)
+        crop_area_min=crop_area_min, randaugment=randaugment, seed=seed)
   return preprocess_for_eval(image, height, width, crop=test_crop)

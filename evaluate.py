@@ -248,8 +248,8 @@ def _logistic_regression_eval(train_x, train_y, test_x, test_y, grid,
 class KnnMonitor(actions.PeriodicAction):
   """kNN top-1/top-5 of the current encoder every `period_steps` steps.
 
-  An orbit train action with the `actions.PeriodicAction` due rule (the
-  experiment makes steps_per_loop divide the period). Memory bank: ResNet features of
+  An orbit train action with the `actions.PeriodicAction` due rule (at the
+  first host-loop boundary at or after each multiple). Memory bank: ResNet features of
   the training split, queries: the eval split, both with the eval
   preprocessing, exactly as `evaluate.py`'s offline kNN; the features are
   computed under `strategy` (`features.FeatureExtractor`) from the

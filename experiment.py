@@ -15,6 +15,7 @@ piece of objective state), the orbit controller with its train actions
 export / preview.
 """
 
+import errno
 import math
 import os
 import tempfile
@@ -32,6 +33,7 @@ import data as data_lib
 import data_util
 import evaluate
 import features
+import guards
 import lars_optimizer
 import model as model_lib
 import objective as obj_lib
@@ -42,6 +44,9 @@ import sogcl  # noqa: F401  (registers sogclr)
 import trainer as trainer_lib
 
 ConfigError = config_lib.ConfigError
+
+
+TRAINING_MODES = ('train', 'train_then_eval')
 
 
 class ExperimentData(NamedTuple):
@@ -81,6 +86,22 @@ def build_data(cfg):
     raise ConfigError(f'--num_classes={cfg.model.num_classes} is smaller '
                       f'than the {source.num_classes} classes of '
                       f'--dataset={data.dataset}.')
+  if source.num_classes < 2 and needs_eval:
+    raise ConfigError(
+        f'--dataset={data.dataset} has {source.num_classes} class: '
+        'accuracy needs at least 2. Add classes, or only pretrain: '
+        '--mode=train --knn_eval_epochs=0.')
+  if not data.skip_corrupt_images:
+    splits = ([data.train_split] if cfg.mode != 'eval' else []) + (
+        [data.eval_split] if needs_eval else [])
+    for split in dict.fromkeys(splits):
+      unreadable = source.find_unreadable(split)
+      if unreadable:
+        raise ConfigError(
+            f'{len(unreadable)} unreadable image(s) in split {split} of '
+            f'--dataset={data.dataset}: {", ".join(unreadable[:10])}. '
+            'Remove or replace them, or pass --skip_corrupt_images to skip '
+            '(and count) them.')
   if cfg.mode != 'eval' and data.train_batch_size > num_train:
     raise ConfigError(f'--train_batch_size={data.train_batch_size} exceeds '
                       f'the {num_train} examples of '
@@ -102,29 +123,43 @@ def build_objective(cfg, num_train_examples):
 
 
 def plan_steps(cfg, num_train_examples, objective=None):
-  """Step arithmetic (SPEC §5): train steps, and host loops that end on
-  every checkpoint, kNN and objective-action step (not on summary steps:
-  `trainer.PeriodicSummaryManager` writes at the next loop boundary)."""
+  """Step arithmetic (SPEC §5): train steps, epoch, checkpoint and host-loop
+  lengths.
+
+  Periodic work (checkpoints, the kNN monitor, the objective's actions,
+  summaries) runs at the first host-loop boundary at or after its due step,
+  so loops need not divide the periods. --steps_per_loop, when given, is
+  the loop length; unset, it is checkpoint_steps or the shortest period if
+  that is shorter (so every period still gets its run). A loop shorter
+  than a quarter of what was asked is logged with its reason.
+  """
   schedule, batch = cfg.schedule, cfg.data.train_batch_size
   train_steps = lars_optimizer.get_train_steps(
       num_train_examples, schedule.train_epochs, batch, schedule.train_steps)
   epoch_steps = max(1, int(round(num_train_examples / batch)))
   checkpoint_steps = (cfg.checkpoint.checkpoint_steps or
                       max(1, cfg.checkpoint.checkpoint_epochs * epoch_steps))
-  steps_per_loop = schedule.steps_per_loop or checkpoint_steps
   knn_epochs = cfg.evaluation.knn_eval_epochs
   periods = [(knn_epochs * epoch_steps, f'--knn_eval_epochs={knn_epochs}')]
   if objective is not None:
     periods.append((objective.action_period_steps(epoch_steps),
                     f'--objective={cfg.objective_name}'))
+  requested = schedule.steps_per_loop or checkpoint_steps
+  steps_per_loop, reason = requested, None
   for period, what in periods:
-    if not period:
-      continue
-    if not schedule.steps_per_loop:
-      steps_per_loop = math.gcd(steps_per_loop, period)
-    elif period % schedule.steps_per_loop:
-      raise ConfigError(f'{what} acts every {period} steps, not a multiple '
-                        f'of --steps_per_loop={schedule.steps_per_loop}.')
+    if period and period < steps_per_loop:
+      if schedule.steps_per_loop:
+        logging.info('%s acts every %d steps; with --steps_per_loop=%d it '
+                     'runs at the first loop boundary after each due step.',
+                     what, period, requested)
+      else:
+        steps_per_loop, reason = period, f'{what} acts every {period} steps'
+  if reason and steps_per_loop < requested / 4:
+    logging.warning(
+        'Host loops of %d steps, under a quarter of the %d of '
+        '--checkpoint_steps, because %s; pass --steps_per_loop=%d to keep '
+        'long loops (that work then runs at the first loop boundary after '
+        'each due step).', steps_per_loop, requested, reason, requested)
   return StepPlan(train_steps=train_steps, epoch_steps=epoch_steps,
                   checkpoint_steps=checkpoint_steps,
                   steps_per_loop=steps_per_loop,
@@ -160,6 +195,29 @@ def build_optimizer(cfg, num_train_examples, train_steps):
 def _inside(directory, name):
   """directory/name, or None without a directory (a non-chief worker)."""
   return os.path.join(directory, name) if directory else None
+
+
+def _worker_count(strategy):
+  resolver = getattr(strategy, 'cluster_resolver', None)
+  if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy) or (
+      resolver is None):
+    return 1
+  return max(1, len(resolver.cluster_spec().as_dict().get('worker', [])))
+
+
+def is_disk_full(error):
+  """Whether `error` (OSError or a TF error) says the disk is full."""
+  return (getattr(error, 'errno', None) == errno.ENOSPC or
+          'No space left on device' in str(error))
+
+
+def disk_full_message(error, model_dir):
+  latest = tf.train.latest_checkpoint(model_dir) if model_dir else None
+  intact = (f'the latest complete checkpoint, {latest}, is intact'
+            if latest else 'no checkpoint had been written yet')
+  return (f'No space left on device while writing to --model_dir='
+          f'{model_dir} ({str(error).splitlines()[0][:200]}); {intact}. '
+          'Free some space and run the same command again to resume.')
 
 
 def check_replicas(cfg, strategy):
@@ -206,44 +264,134 @@ class Experiment:
         state = dict(self.objective.checkpoint_items())
       if self.momentum_encoder is not None:
         state['momentum_encoder'] = self.momentum_encoder
+      # The example order and augmentations derive from this seed and the
+      # step (data.build_input_fn), so a resumed run continues its epoch.
+      self.input_seed = tf.Variable(
+          cfg.seed if cfg.seed is not None else
+          int(np.random.SeedSequence().generate_state(1)[0] >> 1),
+          dtype=tf.int64, trainable=False, name='input_seed')
+      self.nonfinite_skipped = tf.Variable(0, dtype=tf.int64,
+                                           trainable=False,
+                                           name='nonfinite_skipped')
       self.checkpoint = tf.train.Checkpoint(
-          model=self.model, optimizer=self.optimizer, **state)
+          model=self.model, optimizer=self.optimizer,
+          input_seed=self.input_seed,
+          nonfinite_skipped=self.nonfinite_skipped, **state)
     self.global_step = self.optimizer.iterations
+    self.multi_worker = _worker_count(strategy) > 1
+    if cfg.deterministic and self.randaugment() is not None:
+      raise ConfigError(
+          '--deterministic cannot replay RandAugment (Model Garden draws its '
+          'operations from stateful random ops); pass '
+          '--use_randaugment=false with --deterministic.')
+    self.check_run_identity()
     self.checkpoint_manager = self._checkpoint_manager()
     self.actions = []  # the train actions of the last controller
+    self.trainer = None
+    self.preemption_guard = None
+
+  # --- The model_dir. ---
+
+  def check_run_identity(self):
+    """Refuses to resume a model_dir whose flags.json differs in a flag
+    of `config.IDENTITY_FLAGS` (unless --allow_flag_changes); logs the
+    other differences."""
+    cfg = self.config
+    model_dir = cfg.checkpoint.model_dir
+    saved = checkpoints.read_json(os.path.join(model_dir, 'flags.json'))
+    if (cfg.mode not in TRAINING_MODES or saved is None or
+        cfg.flag_values is None or
+        not tf.train.latest_checkpoint(model_dir)):
+      return
+    errors, warnings = checkpoints.compare_run_flags(
+        saved, cfg.flag_values, config_lib.IDENTITY_FLAGS)
+    for warning in warnings:
+      logging.warning('Flag changed since the run that wrote %s: %s',
+                      model_dir, warning)
+    if errors and not cfg.checkpoint.allow_flag_changes:
+      raise ConfigError(
+          f'--model_dir={model_dir} holds the checkpoints of a run with '
+          'other flags:\n  ' + '\n  '.join(errors) + '\n  Use another '
+          '--model_dir, the flags of that run, or --allow_flag_changes to '
+          'resume anyway.')
+    for error in errors:
+      logging.warning('--allow_flag_changes: resuming despite %s', error)
+
+  def prepare_model_dir(self):
+    """Creates model_dir and checks that it is writable, removes the
+    temporaries of interrupted writes and writes flags.json (the chief;
+    before anything else is written)."""
+    model_dir = self.config.checkpoint.model_dir
+    try:
+      tf.io.gfile.makedirs(model_dir)
+      if self.is_chief:
+        probe = os.path.join(model_dir, '.write_test')
+        with tf.io.gfile.GFile(probe, 'w') as f:
+          f.write('ok')
+        tf.io.gfile.remove(probe)
+    except (OSError, tf.errors.OpError) as e:
+      if is_disk_full(e):
+        raise
+      raise ConfigError(f'--model_dir={model_dir} is not writable ({e}); '
+                        'pass a directory you can write to.') from e
+    if not self.is_chief:
+      return
+    for path in checkpoints.remove_stale_temporaries(model_dir):
+      logging.info('Removed %s (left by an interrupted write).', path)
+    name = 'flags.json'
+    if (self.config.mode not in TRAINING_MODES and
+        tf.io.gfile.exists(os.path.join(model_dir, name))):
+      name = f'flags_{self.config.mode}.json'  # the trainer's stays
+    # The command line's flags; a config built in code writes itself.
+    checkpoints.write_json(os.path.join(model_dir, name),
+                           self.config.flag_values or self.config.to_json())
 
   # --- Checkpoints. ---
 
   def _checkpoint_manager(self):
     """The manager of model_dir, after checking that what it holds (or the
-    warm-start checkpoint) fits the model."""
+    warm-start checkpoint) fits: the newest intact checkpoint (a corrupt
+    newer one is named and skipped) must hold every object of this run
+    with its shape."""
     ckpt = self.config.checkpoint
-    latest = tf.train.latest_checkpoint(ckpt.model_dir)
+    restore_path, problems = checkpoints.find_intact_checkpoint(
+        ckpt.model_dir)
+    for problem in problems:
+      logging.warning('Unreadable checkpoint: %s', problem)
+    if problems and restore_path is None:
+      raise ConfigError(
+          f'Every checkpoint in --model_dir={ckpt.model_dir} is unreadable: '
+          + '; '.join(problems) + '. Move them away to start afresh, or use '
+          'another --model_dir.')
     try:
-      if latest:
-        checkpoints.check_resume_fits(self.model, latest)
+      if restore_path:
+        checkpoints.check_resume_fits_all(self.checkpoint, restore_path)
       elif ckpt.checkpoint:
         checkpoints.check_warm_start_fits(
             self.model, checkpoints.resolve_checkpoint_path(ckpt.checkpoint),
-            ckpt.variable_schema)
+            ckpt.variable_schema,
+            require_backbone=self.config.train_mode == 'finetune')
     except checkpoints.CheckpointMismatchError as e:
       raise ConfigError(str(e)) from e
-    if not latest and self.config.mode == 'eval':
+    if not restore_path and self.config.mode == 'eval':
       logging.info('No checkpoint in %s yet; eval waits for one.',
                    ckpt.model_dir)
+    self.restore_path = restore_path
     directory, init_fn = ckpt.model_dir, self.initialize_new_run
     if not self.is_chief:
       directory = tempfile.mkdtemp(prefix='worker_checkpoints_')
       init_fn = self._restore_chiefs_latest
-    return tf.train.CheckpointManager(
+      restore_path = None
+    return checkpoints.FallbackCheckpointManager(
         self.checkpoint, directory=directory,
         max_to_keep=ckpt.keep_checkpoint_max, step_counter=self.global_step,
-        checkpoint_interval=self.steps.checkpoint_steps, init_fn=init_fn)
+        checkpoint_interval=self.steps.checkpoint_steps, init_fn=init_fn,
+        restore_path=restore_path)
 
   def _restore_chiefs_latest(self):
     """A non-chief worker resumes from model_dir (its own checkpoints are
     throw-away), or starts a new run like the chief."""
-    latest = tf.train.latest_checkpoint(self.config.checkpoint.model_dir)
+    latest = self.restore_path
     if latest:
       self.checkpoint.restore(latest).assert_existing_objects_matched()
       logging.info('Restored %s (written by the chief).', latest)
@@ -262,7 +410,8 @@ class Experiment:
     if ckpt.checkpoint:
       checkpoints.warm_start(
           self.model, checkpoints.resolve_checkpoint_path(ckpt.checkpoint),
-          ckpt.variable_schema)
+          ckpt.variable_schema,
+          require_backbone=self.config.train_mode == 'finetune')
     if (self.config.model.zero_init_logits_layer and
         self.model.supervised_head is not None):
       for variable in self.model.supervised_head.trainable_variables:
@@ -294,8 +443,9 @@ class Experiment:
         2, 7, translate_const=max(1, round(100 * scale)),
         cutout_const=max(1, round(40 * scale)))
 
-  def train_input_fn(self, batch_size):
-    """Augmented training batches of train_split (`num_views` views)."""
+  def train_input_fn(self, batch_size, start_step=0):
+    """Augmented training batches of train_split (`num_views` views),
+    from the batch of step `start_step` on."""
     data = self.config.data
     return data_lib.build_input_fn(
         self.data.source, data.train_split, batch_size, is_training=True,
@@ -303,8 +453,8 @@ class Experiment:
         train_mode=self.config.train_mode,
         color_jitter_strength=data.color_jitter_strength,
         use_blur=data.use_blur, cache_dataset=data.cache_dataset,
-        crop_area_min=data.crop_area_min, seed=data.seed,
-        randaugment=self.randaugment())
+        crop_area_min=data.crop_area_min, seed=int(self.input_seed.numpy()),
+        start_step=start_step, randaugment=self.randaugment())
 
   def pass_dataset_fn(self, split):
     """() -> one distributed pass over `split` (eval preprocessing, padded
@@ -326,6 +476,19 @@ class Experiment:
     cfg, steps = self.config, self.steps
     train_actions = [actions.ProgressLogger(
         self.global_step, steps.train_steps, cfg.data.train_batch_size)]
+    # Before any other work of the loop: a non-finite loss must stop the
+    # run before orbit checkpoints it, a preemption must not wait for a kNN
+    # pass.
+    if self.trainer is not None:
+      train_actions.append(guards.NonFiniteGuard(
+          self.trainer, cfg.schedule.skip_nonfinite_steps,
+          self.nonfinite_skipped))
+      self.preemption_guard = guards.PreemptionGuard(
+          self.strategy, self.global_step, self.checkpoint_manager,
+          stop_variable=(None if self.multi_worker else
+                         self.trainer.stop_requested),
+          multi_worker=self.multi_worker)
+      train_actions.append(self.preemption_guard)
     output_dir = self.output_dir
     if steps.knn_eval_steps:
       train_actions.append(evaluate.KnnMonitor(
@@ -361,13 +524,19 @@ class Experiment:
     trainer = evaluator = None
     train_actions = []
     if with_trainer:
+      # The input starts at the restored step (data.build_input_fn).
+      self.checkpoint_manager.restore_or_initialize()
       trainer = trainer_lib.Trainer(
           self.strategy, self.model, self.optimizer, self.objective,
           self.strategy.distribute_datasets_from_function(
-              self.train_input_fn(cfg.data.train_batch_size)),
+              self.train_input_fn(cfg.data.train_batch_size,
+                                  start_step=int(self.global_step.numpy()))),
           train_mode=cfg.train_mode, optimizer_name=cfg.optimizer.name,
           weight_decay=cfg.optimizer.weight_decay,
-          momentum_encoder=self.momentum_encoder)
+          momentum_encoder=self.momentum_encoder,
+          skip_nonfinite=cfg.schedule.skip_nonfinite_steps > 0,
+          stop_within_loop=not self.multi_worker)
+      self.trainer = trainer
       train_actions = self.train_actions()
     self.actions = train_actions
     if with_evaluator:
@@ -406,6 +575,11 @@ class Experiment:
     if step >= self.steps.train_steps:
       logging.info('model_dir already holds step %d ≥ train_steps %d.',
                    step, self.steps.train_steps)
+      export_dir = os.path.join(cfg.checkpoint.model_dir, 'saved_model',
+                                str(step))
+      if self.is_chief and not tf.io.gfile.exists(export_dir):
+        logging.info('Its export is missing (interrupted?); exporting.')
+        self.export()
       return
     if cfg.schedule.train_summary_steps != 0 and self.is_chief:
       pictures.summarize_view_grid(self.preview_batch(), self.num_views,
@@ -420,6 +594,7 @@ class Experiment:
     for action in reversed(self.actions):
       if hasattr(action, 'start'):
         action.start()
+    self.preemption_guard.install()
     try:
       controller.train(steps=self.steps.train_steps)
     except tf.errors.InvalidArgumentError as e:
@@ -431,6 +606,8 @@ class Experiment:
             f'{split}: {", ".join(unreadable[:10])}. Remove or replace '
             'them, or pass --skip_corrupt_images to skip them.') from e
       raise
+    finally:
+      self.preemption_guard.uninstall()
     logging.info('Trained to step %d; state digest %s.',
                  int(self.global_step.numpy()), self.state_digest())
     self.export()
@@ -485,8 +662,6 @@ class Experiment:
       model_dir = cfg.checkpoint.model_dir
       for name in ('result.json', f'result_{step}.json'):
         checkpoints.write_json(os.path.join(model_dir, name), result)
-      checkpoints.write_json(os.path.join(model_dir, 'flags.json'),
-                             cfg.flag_values or cfg.to_json())
     print(f'Eval at step {step}: top-1 accuracy '
           f'{result["label_top_1_accuracy"]:.4f}, top-5 accuracy '
           f'{result["label_top_5_accuracy"]:.4f} '

@@ -583,7 +583,7 @@ class Objective(tf.Module):
 
   def action_period_steps(self, steps_per_epoch):
     """Steps between the objective's host-side train actions (0 = none);
-    steps_per_loop is made to divide it."""
+    they run at the first host-loop boundary at or after each multiple."""
     del steps_per_epoch
     return 0
 

@@ -14,6 +14,7 @@ strategy and dispatches --mode to an `experiment.Experiment`.
 
 import os
 import sys
+import traceback
 
 from absl import app
 from absl import logging
@@ -22,6 +23,7 @@ import tf_keras
 
 import config as config_lib
 import experiment as experiment_lib
+import guards
 from official.common import distribute_utils
 
 FLAGS = config_lib.FLAGS
@@ -64,8 +66,8 @@ def run(cfg, strategy=None):
   """
   strategy = strategy or build_strategy(cfg.distribution)
   experiment = experiment_lib.Experiment(cfg, strategy)
-  tf.io.gfile.makedirs(cfg.model_dir)
   try:
+    experiment.prepare_model_dir()
     if cfg.mode == 'preview':
       return experiment.preview()
     if cfg.mode == 'train':
@@ -97,16 +99,36 @@ def evaluate_checkpoints(experiment):
 
 
 def run_from_flags(flag_values):
-  """What the command line does with parsed flags: config, seed, run; a
-  `config.ConfigError` exits with its one-line message (no traceback)."""
+  """What the command line does with parsed flags: config, seed, run.
+
+  Bad input (`config.ConfigError`, and a full disk) exits with code 2 and a
+  one-line message, a deliberate stop (`guards.RunStopped`: preemption, a
+  non-finite loss) with its own code; a traceback only with --verbosity ≥ 1.
+  """
+  verbose = flag_values['verbosity'].value >= 1 if 'verbosity' in flag_values \
+      else False
   try:
     cfg = config_lib.from_flags(flag_values)
+    if cfg.deterministic:
+      tf.config.experimental.enable_op_determinism()
     if cfg.seed is not None:
       tf_keras.utils.set_random_seed(cfg.seed)
     return run(cfg)
   except config_lib.ConfigError as e:
-    logging.error('%s', e)
-    sys.exit(f'run.py: error: {e}')
+    _exit(2, f'run.py: error: {e}', verbose)
+  except guards.RunStopped as e:
+    _exit(e.exit_code, f'run.py: {e}', verbose)
+  except (OSError, tf.errors.OpError) as e:
+    if not experiment_lib.is_disk_full(e):
+      raise
+    _exit(2, f'run.py: error: {experiment_lib.disk_full_message(e, flag_values.model_dir)}', verbose)
+
+
+def _exit(code, message, verbose):
+  if verbose:
+    traceback.print_exc()
+  print(message, file=sys.stderr, flush=True)
+  sys.exit(code)
 
 
 def main(argv):

@@ -7,7 +7,23 @@ contrastive loss from the objective (pretraining), cross-entropy of the
 supervised head (linear eval while pretraining, or fine-tuning) and the
 explicit weight-decay term; the sum is divided by the number of replicas
 because gradients are summed across replicas (SPEC §4).
+
+Fault tolerance (all checked on the device, no host sync per step):
+
+* Non-finite losses. Every step tests each loss term and the gradients for
+  NaN / inf and all-reduces the answer, so every replica agrees. Each host
+  loop reports how many steps had a non-finite term ('train/nonfinite_steps'
+  in the loop outputs) and, by `nonfinite_report()`, the first such step and
+  its terms. With `skip_nonfinite` such a step changes nothing but the
+  global step (see `Trainer.__init__`).
+* Stop requests. `stop_requested` is a host variable that another thread
+  (a signal watcher) may set while a loop runs; the loop then ends before
+  its next step, without reading the iterator or advancing the global step
+  (the global step is the number of steps really done). It stays set: later
+  loops do nothing until it is assigned False.
 """
+
+from typing import NamedTuple, Tuple
 
 import orbit
 import tensorflow as tf
@@ -15,9 +31,42 @@ import tf_keras
 
 import lars_optimizer
 
+# The terms checked for NaN / inf, in report order: the objective's
+# contrastive loss, the supervised cross-entropy, the explicit weight decay,
+# their sum, and the gradients (any element of any gradient).
+NONFINITE_TERMS = ('contrast_loss', 'supervised_loss', 'weight_decay', 'loss',
+                   'gradients')
+
 
 def _mean_metric(name):
   return tf_keras.metrics.Mean(name)
+
+
+class NonFiniteReport(NamedTuple):
+  """The steps of one host loop that had a non-finite term.
+
+  first_step: the number of the first such step, counted from 1 as
+    checkpoints count: `optimizer.iterations` after that step (the step that
+    turned global step N − 1 into N is step N; ckpt-N would hold its result).
+  terms: the names (`NONFINITE_TERMS`) that were NaN or infinite at
+    first_step on at least one replica.
+  count: how many steps of the loop had any non-finite term.
+  """
+  first_step: int
+  terms: Tuple[str, ...]
+  count: int
+
+
+def _all_finite(tensors):
+  """Scalar bool: every element of every tensor is finite."""
+  checks = []
+  for t in tensors:
+    if t is None:
+      continue
+    if isinstance(t, tf.IndexedSlices):
+      t = t.values
+    checks.append(tf.reduce_all(tf.math.is_finite(t)))
+  return tf.reduce_all(tf.stack(checks)) if checks else tf.constant(True)
 
 
 class Trainer(orbit.StandardTrainer):
@@ -25,10 +74,29 @@ class Trainer(orbit.StandardTrainer):
 
   def __init__(self, strategy, model, optimizer, objective, train_dataset,
                train_mode='pretrain', optimizer_name='lars',
-               weight_decay=0.0, momentum_encoder=None):
+               weight_decay=0.0, momentum_encoder=None, skip_nonfinite=False,
+               stop_within_loop=True):
     """`momentum_encoder` (a `model.MomentumEncoder`, pretraining only):
     its projections of each batch go to `objective.loss` as `keys`, and it
-    is EMA-updated from the model after every optimizer step."""
+    is EMA-updated from the model after every optimizer step.
+
+    `skip_nonfinite`: a step with a non-finite loss term or gradient (on any
+    replica) makes no update: the weights, the optimizer's slots, the BN
+    moving statistics (model and momentum encoder), the objective's
+    variables (queues, SogCLR's u) and the momentum encoder keep their
+    values, bit for bit, and the step's losses are left out of the loop's
+    metrics. The global step still advances by one, so host loops keep
+    their length and step-based schedules and orbit's bookkeeping hold.
+    Cost: a copy of the BN statistics and objective state every step (it is
+    put back with `tf.where` after the forward pass has updated it).
+
+    `stop_within_loop`: compile the `stop_requested` check into every step.
+    Multi-worker runs pass False (workers could see a request at different
+    steps); they stop between host loops instead.
+
+    Build the trainer outside `strategy.scope()`: `stop_requested` must be
+    a plain host variable, not a mirrored one.
+    """
     self.strategy = strategy
     self.model = model
     self.momentum_encoder = momentum_encoder
@@ -37,6 +105,8 @@ class Trainer(orbit.StandardTrainer):
     self.train_mode = train_mode
     self.optimizer_name = optimizer_name
     self.weight_decay = weight_decay
+    self.skip_nonfinite = bool(skip_nonfinite)
+    self.stop_within_loop = bool(stop_within_loop)
     names = ['loss', 'weight_decay']
     if train_mode == 'pretrain':
       names += list(objective.metric_names)
@@ -45,6 +115,25 @@ class Trainer(orbit.StandardTrainer):
     with strategy.scope():
       self.global_step = optimizer.iterations
       self._metrics = {'train/' + n: _mean_metric('train/' + n) for n in names}
+      # Per host loop; every replica holds the same values (they come from
+      # the all-reduced check), written in the cross-replica context.
+      agreed = dict(trainable=False,
+                    synchronization=tf.VariableSynchronization.ON_WRITE,
+                    aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
+      self._nonfinite_count = tf.Variable(
+          tf.constant(0, tf.int64), name='nonfinite_count', **agreed)
+      self._nonfinite_first_step = tf.Variable(
+          tf.constant(0, tf.int64), name='nonfinite_first_step', **agreed)
+      self._nonfinite_first_terms = tf.Variable(
+          tf.zeros([len(NONFINITE_TERMS)], tf.bool),
+          name='nonfinite_first_terms', **agreed)
+    with tf.device('CPU:0'):
+      self.stop_requested = tf.Variable(False, trainable=False,
+                                        name='stop_requested')
+    if isinstance(self.stop_requested, tf.distribute.DistributedValues):
+      raise ValueError('Build the Trainer outside strategy.scope(): its '
+                       'stop_requested must be a host variable that another '
+                       'thread can set, not a mirrored one.')
     # The global step at which the current host loop began (set by
     # `train_loop_begin`; `PeriodicSummaryManager` reads it).
     self.loop_start_step = None
@@ -56,59 +145,198 @@ class Trainer(orbit.StandardTrainer):
     self.loop_start_step = int(self.global_step.numpy())
     for metric in self._metrics.values():
       metric.reset_state()
+    self._nonfinite_count.assign(0)
+    self._nonfinite_first_step.assign(0)
+    self._nonfinite_first_terms.assign(tf.zeros_like(
+        self._nonfinite_first_terms))
+
+  def nonfinite_report(self):
+    """The last host loop's `NonFiniteReport`, or None when every step of
+    it was finite."""
+    count = int(self._nonfinite_count.numpy())
+    if not count:
+      return None
+    bad = self._nonfinite_first_terms.numpy()
+    return NonFiniteReport(
+        first_step=int(self._nonfinite_first_step.numpy()),
+        terms=tuple(n for n, b in zip(NONFINITE_TERMS, bad) if b),
+        count=count)
+
+  def create_train_loop_fn(self):
+    """orbit's tf.while_loop over `train_step`, which with stop_within_loop
+    also ends as soon as a stop is requested instead of running the rest of
+    the loop as no-op steps (~0.1 ms each)."""
+    if not self.stop_within_loop:
+      return super().create_train_loop_fn()
+
+    def loop_fn(iterator, num_steps):
+      for _ in tf.range(num_steps):
+        if self.stop_requested:
+          break
+        with tf.name_scope(''):  # as orbit's loop: no 'while/' op prefix
+          self.train_step(iterator)
+
+    return tf.function(loop_fn)
 
   def train_step(self, iterator):
-    num_replicas = self.strategy.num_replicas_in_sync
+    if not self.stop_within_loop:
+      self._run_step(iterator)
+      return
+    # Cross-replica context: when a stop is requested the step neither
+    # reads the iterator nor advances the global step.
+    tf.cond(self.stop_requested, lambda: None,
+            lambda: self._run_step(iterator))
 
-    def step_fn(batch):
-      keys = None
-      if self.momentum_encoder is not None:
-        keys = tf.stop_gradient(
-            self.momentum_encoder(batch['image'], training=True))
-      with tf.GradientTape() as tape:
-        projections, logits = self.model(batch['image'], training=True)
-        loss = 0.0
-        scalars = {}
-        if self.train_mode == 'pretrain':
-          if keys is None:
-            contrast_loss, con_metrics = self.objective.loss(
-                projections, batch)
-          else:
-            contrast_loss, con_metrics = self.objective.loss(
-                projections, batch, keys=keys)
-          loss += contrast_loss
-          scalars.update(con_metrics)
-        if logits is not None:
-          num_views = tf.shape(logits)[0] // tf.shape(batch['label'])[0]
-          labels = tf.tile(batch['label'], [num_views])
-          sup_loss = tf.reduce_mean(
-              tf.nn.sparse_softmax_cross_entropy_with_logits(
-                  labels=labels, logits=logits))
-          loss += sup_loss
-          scalars['supervised_loss'] = sup_loss
-          scalars['supervised_acc'] = tf.reduce_mean(tf.cast(
-              tf.equal(tf.argmax(logits, -1, output_type=tf.int32), labels),
-              tf.float32))
-        wd_loss = lars_optimizer.weight_decay_loss(
-            self.model.trainable_variables, self.optimizer_name,
-            self.weight_decay)
-        loss += wd_loss
-        scalars['weight_decay'] = wd_loss
-        scalars['loss'] = loss
-        scaled_loss = loss / num_replicas
-      variables = self.model.trainable_variables
-      grads = tape.gradient(scaled_loss, variables)
-      self.optimizer.apply_gradients(zip(grads, variables))
-      if self.momentum_encoder is not None:
-        self.momentum_encoder.update_from(self.model,
-                                          self.objective.momentum_decay)
+  def _run_step(self, iterator):
+    nonfinite = self.strategy.run(self._step_fn, args=(next(iterator),))
+    # The same all-reduced vector on every replica: take the first's.
+    nonfinite = self.strategy.experimental_local_results(nonfinite)[0]
+    any_bad = tf.reduce_any(nonfinite)
+    first = tf.logical_and(any_bad, self._nonfinite_count == 0)
+    step = tf.cast(self.optimizer.iterations, tf.int64)  # after this step
+    self._nonfinite_first_step.assign(
+        tf.where(first, step, self._nonfinite_first_step))
+    self._nonfinite_first_terms.assign(
+        tf.where(first, nonfinite, self._nonfinite_first_terms))
+    self._nonfinite_count.assign_add(tf.cast(any_bad, tf.int64))
+
+  def _state_variables(self):
+    """What the forward pass may assign: BN moving statistics (model and
+    momentum encoder) and the objective's state."""
+    variables = list(self.model.non_trainable_variables)
+    if self.momentum_encoder is not None:
+      variables += self.momentum_encoder.non_trainable_variables
+    if self.objective is not None:
+      variables += list(self.objective.variables)
+    unique = {}
+    for v in variables:
+      unique.setdefault(id(v), v)
+    return list(unique.values())
+
+  def _step_fn(self, batch):
+    """One replica's step; returns the [len(NONFINITE_TERMS)] bool vector of
+    terms that were not finite on some replica."""
+    num_replicas = self.strategy.num_replicas_in_sync
+    state = self._state_variables() if self.skip_nonfinite else []
+    saved = [v.read_value() for v in state]
+    keys = None
+    if self.momentum_encoder is not None:
+      keys = tf.stop_gradient(
+          self.momentum_encoder(batch['image'], training=True))
+    terms = {}
+    with tf.GradientTape() as tape:
+      projections, logits = self.model(batch['image'], training=True)
+      loss = 0.0
+      scalars = {}
+      if self.train_mode == 'pretrain':
+        if keys is None:
+          contrast_loss, con_metrics = self.objective.loss(projections, batch)
+        else:
+          contrast_loss, con_metrics = self.objective.loss(
+              projections, batch, keys=keys)
+        loss += contrast_loss
+        scalars.update(con_metrics)
+        terms['contrast_loss'] = contrast_loss
+      if logits is not None:
+        num_views = tf.shape(logits)[0] // tf.shape(batch['label'])[0]
+        labels = tf.tile(batch['label'], [num_views])
+        sup_loss = tf.reduce_mean(
+            tf.nn.sparse_softmax_cross_entropy_with_logits(
+                labels=labels, logits=logits))
+        loss += sup_loss
+        scalars['supervised_loss'] = sup_loss
+        scalars['supervised_acc'] = tf.reduce_mean(tf.cast(
+            tf.equal(tf.argmax(logits, -1, output_type=tf.int32), labels),
+            tf.float32))
+        terms['supervised_loss'] = sup_loss
+      wd_loss = lars_optimizer.weight_decay_loss(
+          self.model.trainable_variables, self.optimizer_name,
+          self.weight_decay)
+      loss += wd_loss
+      scalars['weight_decay'] = wd_loss
+      scalars['loss'] = loss
+      terms['weight_decay'] = wd_loss
+      terms['loss'] = loss
+      scaled_loss = loss / num_replicas
+    variables = self.model.trainable_variables
+    grads = tape.gradient(scaled_loss, variables)
+    nonfinite = self._agreed_nonfinite(terms, grads)
+    ok = tf.logical_not(tf.reduce_any(nonfinite))
+    grads_and_vars = [(g, v) for g, v in zip(grads, variables)
+                      if g is not None]
+    if self.skip_nonfinite:
+      for v, old in zip(state, saved):
+        v.assign(tf.where(ok, v.read_value(), old))
+      self._apply_if(ok, grads_and_vars)
+      weight = tf.cast(ok, tf.float32)
+      for name, value in scalars.items():
+        self._metrics['train/' + name].update_state(
+            tf.where(ok, value, tf.zeros_like(value)), sample_weight=weight)
+    else:
+      self._apply(grads_and_vars)
       for name, value in scalars.items():
         self._metrics['train/' + name].update_state(value)
+    return nonfinite
 
-    self.strategy.run(step_fn, args=(next(iterator),))
+  def _agreed_nonfinite(self, terms, grads):
+    """[len(NONFINITE_TERMS)] bool: the term is not finite on some replica
+    (a sum all-reduce of this replica's 0/1 vector)."""
+    local = []
+    for name in NONFINITE_TERMS:
+      if name == 'gradients':
+        finite = _all_finite(grads)
+      else:  # a term this step does not have counts as finite
+        finite = _all_finite([terms.get(name)])
+      local.append(tf.logical_not(finite))
+    local = tf.stack(local)
+    context = tf.distribute.get_replica_context()
+    if context is None or context.num_replicas_in_sync == 1:
+      return local
+    counts = context.all_reduce(tf.distribute.ReduceOp.SUM,
+                                tf.cast(local, tf.float32))
+    return counts > 0
+
+  def _apply(self, grads_and_vars):
+    """The optimizer step, then the momentum encoder's EMA (replica
+    context)."""
+    self.optimizer.apply_gradients(grads_and_vars)
+    if self.momentum_encoder is not None:
+      self.momentum_encoder.update_from(self.model,
+                                        self.objective.momentum_decay)
+
+  def _apply_if(self, ok, grads_and_vars):
+    """`_apply` when `ok` (the same on every replica), else only the global
+    step's increment. apply_gradients calls merge_call, which cannot sit in
+    a cond in a replica context, so the cond runs in the cross-replica
+    context, as in tf_keras' LossScaleOptimizer."""
+    grads = [g for g, _ in grads_and_vars]
+    variables = [v for _, v in grads_and_vars]
+
+    def apply(grads):
+      self._apply(list(zip(grads, variables)))
+
+    def skip():
+      self.optimizer.iterations.assign_add(1, read_value=False)
+
+    if tf.__internal__.distribute.strategy_supports_no_merge_call():
+      tf.cond(ok, lambda: apply(grads), skip)
+      return
+
+    def cross_replica(strategy, ok, grads):
+      ok = strategy.experimental_local_results(ok)[0]
+      tf.cond(ok, lambda: strategy.extended.call_for_each_replica(
+          apply, args=(grads,)), skip)
+
+    tf.distribute.get_replica_context().merge_call(cross_replica,
+                                                   args=(ok, grads))
 
   def train_loop_end(self):
-    results = {name: m.result() for name, m in self._metrics.items()}
+    # A metric that saw no step (all skipped or stopped) reports NaN, not
+    # the 0 of an empty Mean.
+    results = {name: tf.where(m.count > 0, m.result(), float('nan'))
+               for name, m in self._metrics.items()}
+    results['train/nonfinite_steps'] = tf.convert_to_tensor(
+        self._nonfinite_count)
     lr = self.optimizer.learning_rate
     if callable(lr):
       lr = lr(self.optimizer.iterations)

@@ -307,6 +307,243 @@ def test_distributed_eval_two_replicas(digits_source):
   assert sorted(np.concatenate(ids)) == list(range(360))
 
 
+# ---------------------------------------------------------------- exact resume
+
+
+def _train_source(kind, folder, tfds_dir, digits_source):
+  """Small training sources: 40 digits (a subset), 30 folder images, 23
+  TFDS records in 3 files (8, 7, 8)."""
+  if kind == 'digits':
+    return digits_source.subset('train', np.arange(0, 1437, 36))
+  return _source(kind, folder, tfds_dir, digits_source)[0]
+
+
+def _train(source, steps, batch=5, seed=0, start_step=0, context=None,
+           **kwargs):
+  """`steps` training batches (pretraining, 2 views, 16 px)."""
+  fn = data.build_input_fn(source, 'train', batch, is_training=True,
+                           image_size=16, seed=seed, start_step=start_step,
+                           **kwargs)
+  return list(fn(context).take(steps).as_numpy_iterator())
+
+
+def _context(pipelines, pipeline, replicas):
+  return tf.distribute.InputContext(num_input_pipelines=pipelines,
+                                    input_pipeline_id=pipeline,
+                                    num_replicas_in_sync=replicas)
+
+
+def _assert_same_batches(got, expected):
+  assert len(got) == len(expected)
+  for a, b in zip(got, expected):
+    for key in ('id', 'label', 'image'):
+      np.testing.assert_array_equal(a[key], b[key])
+
+
+@pytest.mark.parametrize('kind', ['digits', 'folder', 'tfds'])
+def test_train_input_is_a_function_of_the_seed(kind, folder, tfds_dir,
+                                               digits_source):
+  src = _train_source(kind, folder, tfds_dir, digits_source)
+  first = _train(src, 3, seed=7)
+  _assert_same_batches(_train(src, 3, seed=7), first)  # a fresh pipeline
+  other = _train(src, 3, seed=8)
+  ids = lambda batches: np.concatenate([b['id'] for b in batches])
+  assert not np.array_equal(ids(other), ids(first))
+  # Even an example both runs hold at the same place has other views.
+  for a, b in zip(first, other):
+    for k in np.flatnonzero(a['id'] == b['id']):
+      assert not np.array_equal(a['image'][k], b['image'][k])
+  labels = src.example_labels('train')
+  for b in first:
+    np.testing.assert_array_equal(b['label'], labels[b['id']])
+
+
+def test_train_input_needs_an_int_seed(digits_source):
+  for seed in (None, 1.5, '3'):
+    with pytest.raises(ValueError, match='int seed'):
+      data.build_input_fn(digits_source, 'train', 8, is_training=True,
+                          image_size=16, seed=seed)
+  data.build_input_fn(digits_source, 'test', 8, is_training=False,
+                      image_size=16)  # eval: no seed needed
+
+
+@pytest.mark.parametrize('kind', ['digits', 'folder', 'tfds'])
+def test_resume_continues_the_straight_run(kind, folder, tfds_dir,
+                                           digits_source):
+  """start_step=k gives batches k, k+1, ... of the run from 0, bitwise:
+  from within epoch 0 across the boundary, and from within epoch 1 (epochs
+  of 8, 6 and 4.6 steps; for TFDS step 9 starts at epoch 1's last record)."""
+  src = _train_source(kind, folder, tfds_dir, digits_source)
+  straight = _train(src, 12)
+  for k in (4, 9):
+    _assert_same_batches(_train(src, 12 - k, start_step=k), straight[k:])
+
+
+@pytest.mark.parametrize('kind', ['digits', 'folder', 'tfds'])
+def test_every_id_once_per_epoch(kind, folder, tfds_dir, digits_source):
+  """The stream (batches concatenated) holds each id once in each run of N
+  positions from an epoch start; epochs are in different orders."""
+  src = _train_source(kind, folder, tfds_dir, digits_source)
+  n = src.num_examples('train')
+  batch = 4
+  steps = -(-3 * n // batch)
+  stream = np.concatenate([b['id'] for b in _train(src, steps, batch=batch,
+                                                   use_blur=False)])
+  epochs = [stream[e * n:(e + 1) * n] for e in range(3)]
+  for epoch in epochs:
+    np.testing.assert_array_equal(np.sort(epoch), np.arange(n))
+  assert not np.array_equal(epochs[0], epochs[1])
+  assert not np.array_equal(epochs[1], epochs[2])
+
+
+def test_huge_start_step_reads_nothing_before_it(digits_source):
+  """Resuming at step 10^12 (epoch ~3·10^11) costs no more than step 0."""
+  src = _train_source('digits', None, None, digits_source)
+  step = 10 ** 12
+  batches = _train(src, 2, start_step=step)
+  _assert_same_batches(_train(src, 1, start_step=step + 1), batches[1:])
+  epoch_start = -(-step * 5 // 40) * 40  # first epoch starting after step
+  assert epoch_start - step * 5 < 10  # this epoch boundary is within reach
+  ids = np.concatenate([b['id'] for b in batches])
+  assert ids.min() >= 0 and ids.max() < 40
+
+
+def test_global_batch_independent_of_pipelines_and_replicas(digits_source):
+  """Per step, the replicas' batches in replica order (pipeline by
+  pipeline) are the one-pipeline global batch, examples and views: for 2
+  pipelines x 1 replica, 1 pipeline x 2 replicas, 2 pipelines x 2 replicas."""
+  src = _train_source('digits', None, None, digits_source)
+  steps, batch = 7, 8  # crosses the epoch boundary (5 steps)
+  whole = _train(src, steps, batch=batch)
+  for pipelines, replicas in ((2, 2), (1, 2), (2, 4)):  # (P, R)
+    local = replicas // pipelines
+    parts = [_train(src, steps * local, batch=batch,
+                    context=_context(pipelines, p, replicas))
+             for p in range(pipelines)]
+    for t in range(steps):
+      rows = [parts[p][t * local + r] for p in range(pipelines)
+              for r in range(local)]
+      assert all(len(r['id']) == batch // replicas for r in rows)
+      joined = {key: np.concatenate([r[key] for r in rows])
+                for key in ('id', 'label', 'image')}
+      _assert_same_batches([joined], [whole[t]])
+
+
+def test_two_replica_strategy_gets_the_global_batch(digits_source):
+  """Through MirroredStrategy (1 pipeline, 2 local replicas), replica r
+  gets rows [r·b, (r+1)·b) of the global batch."""
+  src = _train_source('digits', None, None, digits_source)
+  strategy = two_replica_strategy()
+  fn = data.build_input_fn(src, 'train', 8, is_training=True, image_size=16,
+                           seed=3, start_step=4)
+  whole = list(fn(None).take(3).as_numpy_iterator())
+  dist = iter(strategy.distribute_datasets_from_function(fn))
+  for t in range(3):
+    batch = next(dist)
+    for key in ('id', 'image'):
+      local = [v.numpy() for v in
+               strategy.experimental_local_results(batch[key])]
+      np.testing.assert_array_equal(np.concatenate(local), whole[t][key])
+
+
+def _views_by_epoch(batches, n):
+  """{(epoch, id): [B-row image]} of a stream starting at step 0."""
+  out = {}
+  stream = [(i, image) for b in batches for i, image in zip(b['id'],
+                                                            b['image'])]
+  for position, (i, image) in enumerate(stream):
+    out[(position // n, int(i))] = image
+  return out
+
+
+def test_views_keyed_by_epoch_id_and_view(digits_source):
+  """An example's views in epoch e are the same whatever the batch size (so
+  however it is reached), differ between epochs and between views."""
+  src = _train_source('digits', None, None, digits_source)
+  by_5 = _views_by_epoch(_train(src, 16, batch=5), 40)  # epochs 0, 1
+  by_4 = _views_by_epoch(_train(src, 10, batch=4), 40)  # epoch 0
+  assert len(by_5) == 80 and len(by_4) == 40
+  for (epoch, i), image in by_4.items():
+    np.testing.assert_array_equal(by_5[(epoch, i)], image)
+  for i in range(40):
+    first, second = by_5[(0, i)], by_5[(1, i)]
+    assert np.abs(first - second).max() > 1e-3
+    assert np.abs(first[..., :3] - first[..., 3:]).max() > 1e-3
+
+
+def test_finetune_views_are_keyed_too(folder):
+  src = data.get_data_source(folder, eval_split='test')
+  straight = _train(src, 6, batch=7, train_mode='finetune')
+  assert straight[0]['image'].shape == (7, 16, 16, 3)
+  _assert_same_batches(_train(src, 2, batch=7, start_step=4,
+                              train_mode='finetune'), straight[4:])
+  # One crop + flip view: it differs between epochs (step 0 vs 5 hold
+  # epochs 0 and 1 at most 35 positions apart).
+  views = _views_by_epoch(straight, 30)
+  assert all(np.abs(views[(0, i)] - views[(1, i)]).max() > 1e-3
+             for i in range(12) if (1, i) in views)
+
+
+def test_tfds_pipelines_read_their_own_files(tfds_dir, digits_source):
+  """TFDS: 2 pipelines read files {0, 2} (16 records) and {1} (7); each
+  pipeline's stream covers its ids once per epoch, resumes exactly, and
+  decodes the images `load` gives for the same ids."""
+  src = _train_source('tfds', None, tfds_dir, digits_source)
+  owned = [set(range(0, 8)) | set(range(15, 23)), set(range(8, 15))]
+  for p in range(2):
+    ctx = _context(2, p, 2)
+    n = len(owned[p])
+    batches = _train(src, 2 * n, batch=4, context=ctx, use_blur=False)
+    stream = np.concatenate([b['id'] for b in batches])  # 2 rows a step
+    for e in range(4):  # epochs of n ids, ~n/2 steps each
+      assert set(stream[e * n:(e + 1) * n]) == owned[p]
+      assert len(stream[e * n:(e + 1) * n]) == n
+    _assert_same_batches(
+        _train(src, 2 * n - 11, batch=4, context=ctx, use_blur=False,
+               start_step=11), batches[11:])
+  # Records decode to the images of `load`: eval-view those ids.
+  full = _collect(src.load('train'))
+  fn = data.build_input_fn(src, 'train', 23, is_training=True, image_size=8,
+                           seed=0, train_mode='finetune')
+  (batch,) = list(fn().take(1).as_numpy_iterator())
+  labels = np.array([full[int(i)][1] for i in batch['id']])
+  np.testing.assert_array_equal(batch['label'], labels)
+  # A crop of a constant channel stays constant: the red value k written
+  # into the fixture image of that id.
+  for i, image in zip(batch['id'], batch['image']):
+    red = np.unique(full[int(i)][0][..., 0])
+    assert red.size == 1
+    np.testing.assert_allclose(image[..., 0], red[0] / 255, atol=1e-5)
+
+
+@pytest.mark.parametrize('kind', ['digits', 'tfds'])
+def test_filtered_source_training(kind, tfds_dir, digits_source):
+  """A subset through the generic `_FilteredSource`: random access over
+  digits, filtered records over TFDS; ids dense, every kept example once
+  per epoch, labels of the kept originals, exact resume."""
+  if kind == 'digits':
+    base = digits_source
+  else:
+    base = _train_source('tfds', None, tfds_dir, digits_source)
+  kept = np.array([1, 4, 5, 9, 12, 16, 20, 22])
+  src = data._FilteredSource(base, 'train', kept)  # pylint: disable=protected-access
+  assert src.supports_random_access == (kind == 'digits')
+  batches = _train(src, 8, batch=3)
+  stream = np.concatenate([b['id'] for b in batches])
+  for e in range(3):
+    np.testing.assert_array_equal(np.sort(stream[e * 8:(e + 1) * 8]),
+                                  np.arange(8))
+  base_labels = base.example_labels('train')
+  for b in batches:
+    np.testing.assert_array_equal(b['label'], base_labels[kept[b['id']]])
+  _assert_same_batches(_train(src, 3, batch=3, start_step=5), batches[5:])
+  # Unaugmented reads: new id j is the original example kept[j].
+  full = _collect(base.load('train'))
+  for j, (image, label) in _collect(src.load('train')).items():
+    np.testing.assert_array_equal(image, full[int(kept[j])][0])
+    assert label == full[int(kept[j])][1]
+
+
 # ---------------------------------------------------------------- errors
 
 

@@ -1,4 +1,5 @@
-"""Tests for data_util: ranges, crop geometry, colour ops, blur, eval crop, probabilities."""
+"""Tests for data_util: ranges, crop geometry, colour ops, blur, eval crop,
+probabilities, stateless keys."""
 import numpy as np
 import pytest
 import scipy.signal
@@ -12,9 +13,15 @@ def _rand_image(h, w, seed=0, lo=0.0, hi=1.0):
   return rng.uniform(lo, hi, size=(h, w, 3)).astype(np.float32)
 
 
+def _key(i, j=0):
+  return tf.constant([i, j], tf.int64)
+
+
 def _draws(fn, image, n):
-  """n independent draws of fn(image), the way tf.data map would produce them."""
-  ds = tf.data.Dataset.from_tensors(tf.constant(image)).repeat(n).map(fn)
+  """fn(image, seed=k) for the n keys [k, 0], k < n, inside a tf.data map."""
+  image = tf.constant(image)
+  ds = tf.data.Dataset.range(n).map(
+      lambda k: fn(image, seed=tf.stack([k, tf.constant(0, tf.int64)])))
   return np.stack([x.numpy() for x in ds])
 
 
@@ -31,7 +38,7 @@ def test_preprocess_image_shapes_dtype_and_range(size):
   raw = rng.randint(0, 256, size=(size + 8, size + 4, 3)).astype(np.uint8)
   for is_training in (True, False):
     out = data_util.preprocess_image(tf.constant(raw), size, size,
-                                     is_training=is_training)
+                                     is_training=is_training, seed=_key(1))
     assert out.dtype == tf.float32
     assert out.shape == (size, size, 3)
   # test_crop=False on a same-size image: only the dtype conversion.
@@ -49,8 +56,9 @@ def test_train_views_always_in_unit_range(size, randaugment):
   rng = np.random.RandomState(2)
   img = (rng.uniform(size=(size, size, 3)) > 0.5).astype(np.float32)
   ra = data_util.make_randaugment(2, 7) if randaugment else None
-  fn = lambda x: data_util.preprocess_for_train(
-      x, size, size, blur=True, color_jitter_strength=1.0, randaugment=ra)
+  fn = lambda x, seed: data_util.preprocess_for_train(
+      x, size, size, blur=True, color_jitter_strength=1.0, randaugment=ra,
+      seed=seed)
   out = _draws(fn, img, 150)
   assert out.shape == (150, size, size, 3)
   assert out.dtype == np.float32
@@ -72,13 +80,13 @@ def test_eval_range_and_shape_with_non_square_input():
 def test_inception_crop_area_and_aspect(size, area_min):
   img = _rand_image(size, size, seed=4)
 
-  def fn(x):
-    out, box = data_util.crop_and_resize(x, size, size,
-                                         area_range=(area_min, 1.0),
-                                         return_box=True)
+  def fn(k):
+    out, box = data_util.crop_and_resize(
+        tf.constant(img), size, size, area_range=(area_min, 1.0),
+        return_box=True, seed=tf.stack([k, tf.constant(0, tf.int64)]))
     return out, tf.stack(box)
 
-  ds = tf.data.Dataset.from_tensors(tf.constant(img)).repeat(1000).map(fn)
+  ds = tf.data.Dataset.range(1000).map(fn)
   outs, boxes = zip(*[(o.numpy(), b.numpy()) for o, b in ds])
   boxes = np.stack(boxes).astype(np.float64)
   oy, ox, h, w = boxes.T
@@ -107,7 +115,7 @@ def test_distorted_bounding_box_crop_returns_that_box():
   img = _rand_image(40, 30, seed=5)
   crop, (oy, ox, h, w) = data_util.distorted_bounding_box_crop(
       tf.constant(img), area_range=(0.2, 0.6), aspect_ratio_range=(0.5, 2.0),
-      return_box=True)
+      return_box=True, seed=_key(5))
   oy, ox, h, w = int(oy), int(ox), int(h), int(w)
   np.testing.assert_array_equal(crop.numpy(), img[oy:oy + h, ox:ox + w])
   assert 0.2 <= h * w / (40 * 30) <= 0.6
@@ -119,7 +127,9 @@ def test_distorted_bounding_box_crop_returns_that_box():
 def test_brightness_is_multiplicative_within_range(strength):
   img = np.full((8, 8, 3), 0.5, np.float32)
   delta = 0.8 * strength
-  out = _draws(lambda x: data_util.random_brightness(x, delta), img, 400)
+  out = _draws(lambda x, seed: data_util.random_brightness(x, delta,
+                                                           seed=seed),
+               img, 400)
   ratio = out[:, 0, 0, 0] / 0.5
   # Constant factor over the whole image.
   np.testing.assert_allclose(out / out[:, :1, :1, :1], 1.0, atol=1e-6)
@@ -142,14 +152,15 @@ def test_grayscale_luma_weights_and_equal_channels():
 
 def test_color_jitter_clips_and_changes_image():
   img = _rand_image(16, 16, seed=7)
-  out = _draws(lambda x: data_util.color_jitter(x, 1.0), img, 50)
+  out = _draws(lambda x, seed: data_util.color_jitter(x, 1.0, seed=seed),
+               img, 50)
   assert out.min() >= 0.0 and out.max() <= 1.0
   assert (np.abs(out - img).reshape(50, -1).max(axis=1) > 1e-3).all()
 
 
 def test_color_jitter_zero_strength_is_identity():
   img = _rand_image(8, 8, seed=8)
-  out = data_util.color_jitter(tf.constant(img), 0.0).numpy()
+  out = data_util.color_jitter(tf.constant(img), 0.0, seed=_key(8)).numpy()
   np.testing.assert_allclose(out, img, atol=1e-6)
 
 
@@ -181,9 +192,11 @@ def test_blur_of_constant_image_is_constant_inside():
 
 def test_random_blur_probability_endpoints():
   img = _rand_image(64, 64, seed=10)
-  same = data_util.random_blur(tf.constant(img), 64, 64, p=0.0).numpy()
+  same = data_util.random_blur(tf.constant(img), 64, 64, p=0.0,
+                               seed=_key(10)).numpy()
   np.testing.assert_array_equal(same, img)
-  out = _draws(lambda x: data_util.random_blur(x, 64, 64, p=1.0), img, 20)
+  out = _draws(lambda x, seed: data_util.random_blur(x, 64, 64, p=1.0,
+                                                     seed=seed), img, 20)
   # Kernel 64 // 10 = 6 -> 7 taps, non-negative and summing to 1, so the
   # energy ||blur(x)||² <= ||x||² (Young), strictly for all but tiny σ.
   energy = (out.astype(np.float64) ** 2).reshape(20, -1).sum(axis=1)
@@ -227,19 +240,26 @@ def test_eval_no_crop():
 
 # ---------------------------------------------------------------- views
 
-def test_two_views_in_one_function_differ():
+def test_two_views_in_one_function_differ_by_key_only():
   img = _rand_image(32, 32, seed=14)
 
   @tf.function
-  def two_views(x):
-    return (data_util.preprocess_for_train(x, 32, 32, blur=True),
-            data_util.preprocess_for_train(x, 32, 32, blur=True))
+  def two_views(x, k):
+    return (data_util.preprocess_for_train(x, 32, 32, blur=True,
+                                           seed=_key(k, 0)),
+            data_util.preprocess_for_train(x, 32, 32, blur=True,
+                                           seed=_key(k, 1)))
 
-  differ = 0
-  for _ in range(5):
-    a, b = two_views(tf.constant(img))
-    differ += int(np.abs(a.numpy() - b.numpy()).max() > 1e-3)
-  assert differ == 5
+  first = [tuple(v.numpy() for v in two_views(tf.constant(img), k))
+           for k in range(5)]
+  for k, (a, b) in enumerate(first):
+    assert np.abs(a - b).max() > 1e-3
+    # Same keys again (traced, and eagerly): bitwise the same views.
+    again = two_views(tf.constant(img), k)
+    np.testing.assert_array_equal(again[0].numpy(), a)
+    eager = data_util.preprocess_for_train(tf.constant(img), 32, 32,
+                                           blur=True, seed=_key(k, 1))
+    np.testing.assert_array_equal(eager.numpy(), b)
 
 
 def test_all_augmentations_off_is_identity():
@@ -248,7 +268,8 @@ def test_all_augmentations_off_is_identity():
   @tf.function
   def f(x):
     return data_util.preprocess_for_train(x, 32, 32, color_distort=False,
-                                          crop=False, flip=False, blur=False)
+                                          crop=False, flip=False, blur=False,
+                                          seed=_key(15))
 
   np.testing.assert_array_equal(f(tf.constant(img)).numpy(), img)
 
@@ -257,8 +278,9 @@ def test_all_augmentations_off_is_identity():
 
 def test_flip_probability():
   img = _rand_image(32, 32, seed=16)
-  out = _draws(lambda x: data_util.preprocess_for_train(
-      x, 32, 32, color_distort=False, crop=False, flip=True), img, 400)
+  out = _draws(lambda x, seed: data_util.preprocess_for_train(
+      x, 32, 32, color_distort=False, crop=False, flip=True, seed=seed),
+               img, 400)
   flipped = np.array([np.array_equal(o, img[:, ::-1]) for o in out])
   kept = np.array([np.array_equal(o, img) for o in out])
   assert (flipped ^ kept).all()
@@ -270,8 +292,8 @@ def test_jitter_and_grayscale_probabilities():
   img = _rand_image(16, 16, seed=17, lo=0.1, hi=0.9)
   gray_img = data_util.to_grayscale(tf.constant(img)).numpy()
   n = 1000
-  out = _draws(lambda x: data_util.preprocess_for_train(
-      x, 16, 16, crop=False, flip=False), img, n)
+  out = _draws(lambda x, seed: data_util.preprocess_for_train(
+      x, 16, 16, crop=False, flip=False, seed=seed), img, n)
   gray = np.array([np.allclose(o[..., 0], o[..., 1], atol=1e-6) and
                    np.allclose(o[..., 0], o[..., 2], atol=1e-6) for o in out])
   jittered = np.array([
@@ -284,10 +306,8 @@ def test_jitter_and_grayscale_probabilities():
 
 
 def test_random_apply_probability():
-  x = tf.constant(0.0)
-  ds = tf.data.Dataset.from_tensors(x).repeat(1000).map(
-      lambda v: data_util.random_apply(lambda t: t + 1.0, 0.3, v))
-  hits = sum(float(v) for v in ds)
+  hits = _draws(lambda v, seed: data_util.random_apply(
+      lambda t: t + 1.0, 0.3, v, seed=seed), np.float32(0.0), 1000).sum()
   lo, hi = _binomial_band(1000, 0.3)
   assert lo <= hits <= hi
 
@@ -315,7 +335,7 @@ def test_randaugment_gets_uint8_and_is_converted_back():
 
   out = data_util.preprocess_for_train(
       tf.constant(img), 16, 16, color_distort=False, crop=False, flip=False,
-      randaugment=invert).numpy()
+      randaugment=invert, seed=_key(19)).numpy()
   assert seen == [tf.uint8]
   u8 = tf.image.convert_image_dtype(img, tf.uint8, saturate=True).numpy()
   np.testing.assert_allclose(out, (255 - u8.astype(np.float32)) / 255.,
@@ -329,10 +349,113 @@ def test_randaugment_placed_after_jitter_before_grayscale():
   red = np.zeros((8, 8, 3), np.float32)
   red[..., 0] = 1.0
   paint = lambda x: tf.ones_like(x) * tf.constant([255, 0, 0], tf.uint8)
-  out = _draws(lambda x: data_util.preprocess_for_train(
-      x, 8, 8, crop=False, flip=False, randaugment=paint), img, 200)
+  out = _draws(lambda x, seed: data_util.preprocess_for_train(
+      x, 8, 8, crop=False, flip=False, randaugment=paint, seed=seed), img, 200)
   gray_red = np.full((8, 8, 3), 0.2989, np.float32)
   is_red = np.array([np.allclose(o, red, atol=1e-6) for o in out])
   is_gray = np.array([np.allclose(o, gray_red, atol=1e-3) for o in out])
   assert (is_red | is_gray).all()
   assert is_red.sum() > 100 and is_gray.sum() > 10
+
+
+# ------------------------------------------------------------ stateless keys
+
+_KEYED = {
+    'brightness': lambda x, seed: data_util.random_brightness(x, 0.8,
+                                                              seed=seed),
+    'brightness_v1': lambda x, seed: data_util.random_brightness(
+        x, 0.8, impl='simclrv1', seed=seed),
+    'jitter': lambda x, seed: data_util.color_jitter(x, 1.0, seed=seed),
+    'color': lambda x, seed: data_util.random_color_jitter(x, seed=seed),
+    'crop': lambda x, seed: data_util.crop_and_resize(x, 32, 32, seed=seed),
+    'blur': lambda x, seed: data_util.random_blur(x, 32, 32, p=1.0,
+                                                  seed=seed),
+    'train': lambda x, seed: data_util.preprocess_for_train(
+        x, 32, 32, blur=True, seed=seed),
+    'image': lambda x, seed: data_util.preprocess_image(
+        x, 32, 32, is_training=True, use_blur=True, seed=seed),
+}
+
+
+@pytest.mark.parametrize('name', sorted(_KEYED))
+def test_random_ops_are_functions_of_their_key(name):
+  """Same key -> bitwise the same output, whatever was drawn before (keys in
+  reverse order, eager vs tf.data); different keys -> different outputs."""
+  fn = _KEYED[name]
+  img = _rand_image(32, 32, seed=21, lo=0.1, hi=0.9)
+  out = _draws(fn, img, 20)
+  again = _draws(lambda x, seed: fn(x, seed=tf.stack([19 - seed[0], seed[1]])),
+                 img, 20)[::-1]
+  np.testing.assert_array_equal(out, again)
+  np.testing.assert_array_equal(fn(tf.constant(img), seed=_key(3)).numpy(),
+                                out[3])
+  distinct = len({o.tobytes() for o in out})
+  assert distinct >= 15  # 'color' keeps the image with probability 0.04.
+
+
+def test_training_preprocessing_requires_a_seed():
+  raw = tf.constant(np.zeros((32, 32, 3), np.uint8))
+  with pytest.raises(ValueError, match='seed'):
+    data_util.preprocess_image(raw, 32, 32, is_training=True)
+  out = data_util.preprocess_image(raw, 32, 32, is_training=False)
+  assert out.shape == (32, 32, 3)
+
+
+def test_blur_option_leaves_the_other_draws_unchanged():
+  """Each draw has its own sub-key: with blur on, a view is the blur-off
+  view (when the blur coin says no) or differs only by the blur."""
+  img = _rand_image(32, 32, seed=22, lo=0.1, hi=0.9)
+  plain = _draws(lambda x, seed: data_util.preprocess_for_train(
+      x, 32, 32, blur=False, seed=seed), img, 60)
+  blurred = _draws(lambda x, seed: data_util.preprocess_for_train(
+      x, 32, 32, blur=True, seed=seed), img, 60)
+  same = np.array([np.array_equal(a, b) for a, b in zip(plain, blurred)])
+  lo, hi = _binomial_band(60, 0.5)
+  assert lo <= same.sum() <= hi
+  # Elsewhere the blur-off view low-passed: smoother away from the
+  # zero-padded border.
+  def roughness(v):
+    return np.abs(np.diff(v[2:-2, 2:-2], axis=1)).mean()
+  for a, b in zip(plain[~same], blurred[~same]):
+    assert roughness(b) <= roughness(a) + 1e-6  # σ near 0.1: ~identity
+
+
+def test_blur_coin_and_sigma_distribution(monkeypatch):
+  """random_blur applies with p = 0.5 and draws σ ~ U(0.1, 2): a stand-in
+  blur writes its σ into the image."""
+  monkeypatch.setattr(data_util, 'gaussian_blur',
+                      lambda image, kernel_size, sigma, padding: tf.fill(
+                          tf.shape(image), sigma))
+  out = _draws(lambda x, seed: data_util.random_blur(x, 32, 32, p=0.5,
+                                                     seed=seed),
+               np.zeros((2, 2, 3), np.float32), 2000)[:, 0, 0, 0]
+  sigma = out[out > 0]
+  lo, hi = _binomial_band(2000, 0.5)
+  assert lo <= len(sigma) <= hi
+  assert sigma.min() >= 0.1 and sigma.max() <= 2.0
+  # Uniform: the empirical CDF is within 5 standard deviations (KS-like).
+  grid = np.linspace(0.1, 2.0, 20)
+  ecdf = np.searchsorted(np.sort(sigma), grid) / len(sigma)
+  np.testing.assert_allclose(ecdf, (grid - 0.1) / 1.9,
+                             atol=5 * 0.5 / np.sqrt(len(sigma)))
+
+
+def test_jitter_order_is_a_uniform_permutation(monkeypatch):
+  """Stand-in ops x -> x / 5 + k / 25 (k = 1..4, never clipped) write the
+  order they ran in as base-5 digits; all 24 orders are equally likely."""
+  def fake_ops(brightness, contrast, saturation, hue, impl, keys):
+    del brightness, contrast, saturation, hue, impl, keys
+    return [lambda x, k=k: x / 5 + k / 25 for k in range(1, 5)]
+  monkeypatch.setattr(data_util, '_jitter_ops', fake_ops)
+  n = 2400
+  out = _draws(lambda x, seed: data_util.color_jitter(x, 1.0, seed=seed),
+               np.zeros((1, 1, 3), np.float32), n)[:, 0, 0, 0].astype(
+                   np.float64)
+  # Ops k1, k2, k3, k4 in turn from 0 give k1/3125 + k2/625 + k3/125 + k4/25.
+  codes = np.rint(out * 3125).astype(int)
+  seqs = [(c % 5, c // 5 % 5, c // 25 % 5, c // 125 % 5) for c in codes]
+  assert all(sorted(s) == [1, 2, 3, 4] for s in seqs)
+  _, counts = np.unique(np.array(seqs), axis=0, return_counts=True)
+  assert len(counts) == 24
+  lo, hi = _binomial_band(n, 1 / 24)
+  assert lo <= counts.min() and counts.max() <= hi

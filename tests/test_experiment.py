@@ -50,7 +50,7 @@ class _Periodic:
     return 3 * steps_per_epoch
 
 
-def test_plan_steps_stops_exactly_and_loops_end_on_every_period():
+def test_plan_steps_stops_exactly_and_loops_run_every_period():
   cfg = tiny(schedule={'train_steps': 0, 'train_epochs': 10},
              checkpoint={'checkpoint_steps': 0, 'checkpoint_epochs': 2},
              evaluation={'knn_eval_epochs': 5})
@@ -60,17 +60,46 @@ def test_plan_steps_stops_exactly_and_loops_end_on_every_period():
   assert plan.epoch_steps == round(1000 / 32) == 31
   assert plan.checkpoint_steps == 62
   assert plan.knn_eval_steps == 155
-  # gcd(62, 155, 93) = 31: every checkpoint, kNN and action step ends a loop.
+  # checkpoint_steps (62): every period (155, 93) is longer, so no loop is
+  # shortened: each runs at the first boundary at or after its due step.
+  assert plan.steps_per_loop == 62
+
+
+def test_plan_steps_keeps_loops_long_in_the_imagenet_case():
+  """ImageNet at batch 4096 (313 steps per epoch, a prime) with
+  --checkpoint_steps=1000 --knn_eval_epochs=1: the gcd rule gave loops of
+  one step; now the loop is the kNN period (313 ≥ 1000 / 4), and an
+  explicit --steps_per_loop=1000 is kept as it is."""
+  imagenet = 1281167
+  cfg = tiny(data={'train_batch_size': 4096},
+             schedule={'train_steps': 0, 'train_epochs': 100},
+             checkpoint={'checkpoint_steps': 1000},
+             evaluation={'knn_eval_epochs': 1})
+  plan = experiment_lib.plan_steps(cfg, imagenet)
+  assert plan.epoch_steps == 313
+  assert plan.steps_per_loop == 313
+  explicit = tiny(data={'train_batch_size': 4096},
+                  schedule={'train_steps': 0, 'train_epochs': 100,
+                            'steps_per_loop': 1000},
+                  checkpoint={'checkpoint_steps': 1000},
+                  evaluation={'knn_eval_epochs': 1})
+  assert experiment_lib.plan_steps(explicit, imagenet).steps_per_loop == 1000
+
+
+def test_a_loop_under_a_quarter_of_the_request_is_logged(caplog):
+  cfg = tiny(checkpoint={'checkpoint_steps': 1000},
+             evaluation={'knn_eval_epochs': 1})
+  with caplog.at_level('WARNING'):
+    plan = experiment_lib.plan_steps(cfg, 1000)
   assert plan.steps_per_loop == 31
+  assert '--knn_eval_epochs=1 acts every 31 steps' in caplog.text
+  assert '--steps_per_loop=1000' in caplog.text
 
 
-def test_plan_steps_checks_a_given_steps_per_loop():
+def test_plan_steps_never_shortens_a_given_steps_per_loop():
   cfg = tiny(schedule={'steps_per_loop': 4},
              evaluation={'knn_eval_epochs': 1})
-  with pytest.raises(config_lib.ConfigError,
-                     match='--knn_eval_epochs=1 acts every 31 steps, not a '
-                           'multiple of --steps_per_loop=4'):
-    experiment_lib.plan_steps(cfg, 1000)
+  assert experiment_lib.plan_steps(cfg, 1000).steps_per_loop == 4
   # The summary period does not shorten host loops (summaries are written
   # at the first loop boundary at or after each multiple of it).
   summaries = tiny(schedule={'train_summary_steps': 3},

@@ -314,3 +314,307 @@ def test_momentum_encoder_gets_keys_and_ema_update_after_step():
   # The encoder is never trained by the optimizer.
   assert not {id(v) for v in encoder.variables} & {
       id(v) for v in model.trainable_variables}
+
+
+# ---------------------------------------------------------------------------
+# Fault tolerance: non-finite losses and stop requests, on a tiny model (a
+# ResNet takes tens of seconds to trace; these need only what the trainer
+# uses of model.Model and model.MomentumEncoder).
+# ---------------------------------------------------------------------------
+
+TINY = 4  # image side
+
+
+class _TinyModel(tf_keras.Model):
+  """flatten → Dense → BN → ReLU features, a projection Dense and a
+  supervised head; `call` → (projections, logits on the stop-gradient
+  features), or (None, logits on the features) in finetune mode, as
+  model.Model."""
+
+  def __init__(self, train_mode='pretrain'):
+    super().__init__()
+    self.train_mode = train_mode
+    self.hidden = tf_keras.layers.Dense(8)
+    self.bn = tf_keras.layers.BatchNormalization()
+    self.proj = tf_keras.layers.Dense(4)
+    self.head_supervised = tf_keras.layers.Dense(NUM_CLASSES)
+
+  @property
+  def supervised_head(self):
+    return self.head_supervised
+
+  def call(self, images, training=False):
+    x = model_lib.stack_views(images)
+    x = tf.reshape(x, [tf.shape(x)[0], -1])
+    h = tf.nn.relu(self.bn(self.hidden(x), training=training))
+    if self.train_mode == 'finetune':
+      return None, self.head_supervised(h)
+    return self.proj(h), self.head_supervised(tf.stop_gradient(h))
+
+
+class _TinyEncoder(tf_keras.Model):
+  """EMA twin of _TinyModel's projection path (MomentumEncoder's interface:
+  call with training=True, `update_from(model, decay)`)."""
+
+  def __init__(self):
+    super().__init__()
+    self.hidden = tf_keras.layers.Dense(8)
+    self.bn = tf_keras.layers.BatchNormalization()
+    self.proj = tf_keras.layers.Dense(4)
+
+  def call(self, images, training=True):
+    x = model_lib.stack_views(images)
+    x = tf.reshape(x, [tf.shape(x)[0], -1])
+    return self.proj(tf.nn.relu(self.bn(self.hidden(x), training=training)))
+
+  def update_from(self, model, decay):
+    for name in ('hidden', 'bn', 'proj'):
+      own = getattr(self, name).trainable_weights
+      online = getattr(model, name).trainable_weights
+      for a, b in zip(own, online):
+        a.assign(decay * a + (1 - decay) * b)
+
+
+def _tiny_arrays(num_batches, batch_size, bad_batch=None, bad_row=0,
+                 bad_value=np.nan, seed=0):
+  """`num_batches` global batches of 2-view TINY×TINY images, in order;
+  image `bad_row` of batch `bad_batch` (0-based) gets `bad_value` in one
+  pixel."""
+  n = num_batches * batch_size
+  rng = np.random.default_rng(seed)
+  images = rng.normal(size=(n, TINY, TINY, 6)).astype(np.float32)
+  if bad_batch is not None:
+    images[bad_batch * batch_size + bad_row, 1, 2, 0] = bad_value
+  return {'image': images,
+          'label': rng.integers(0, NUM_CLASSES, size=n).astype(np.int32),
+          'id': np.arange(n, dtype=np.int32)}
+
+
+def _tiny_trainer(strategy, arrays, batch_size, objective='simclr',
+                  optimizer_name='lars', train_mode='pretrain', repeat=False,
+                  **kwargs):
+  """A Trainer of _TinyModel on `arrays` in batches of `batch_size`.
+  objective: 'simclr', 'sogclr' or 'fnc' (memory mode, with _TinyEncoder)."""
+  import fnc  # pylint: disable=g-import-not-at-top
+  import sogcl  # pylint: disable=g-import-not-at-top
+  n = len(arrays['id'])
+  encoder = None
+  with strategy.scope():
+    model = _TinyModel(train_mode)
+    model(tf.zeros([1, TINY, TINY, 6]), training=False)
+    optimizer = lars_optimizer.build_optimizer(optimizer_name, LR,
+                                               weight_decay=WD)
+    if objective == 'sogclr':
+      objective = sogcl.SogCLR(temperature=0.5, gamma=0.9)
+    elif objective == 'fnc':
+      objective = fnc.FNC(temperature=0.5, support_size=0,
+                          memory_multiplier=4, momentum_decay=0.5, topk=1)
+      encoder = _TinyEncoder()
+      encoder(tf.zeros([1, TINY, TINY, 6]))
+    else:
+      objective = obj_lib.SimCLR(temperature=0.5)
+    objective.build(n, batch_size, projection_dim=4)
+  dataset = _distributed(strategy, arrays, batch_size, repeat=repeat)
+  return trainer_lib.Trainer(
+      strategy, model, optimizer, objective, dataset, train_mode=train_mode,
+      optimizer_name=optimizer_name, weight_decay=WD,
+      momentum_encoder=encoder, **kwargs)
+
+
+def _state(trainer):
+  """Every variable a step may change except the global step, by group
+  (per replica: each copy of a mirrored or per-replica variable)."""
+  local = trainer.strategy.experimental_local_results
+  iterations = id(trainer.optimizer.iterations)
+  groups = {
+      'trainable': trainer.model.trainable_variables,
+      'bn_moving': trainer.model.non_trainable_variables,
+      'slots': [v for v in trainer.optimizer.variables()
+                if id(v) != iterations],
+      'objective': list(trainer.objective.variables),
+  }
+  if trainer.momentum_encoder is not None:
+    groups['encoder'] = trainer.momentum_encoder.trainable_variables
+    groups['encoder_bn'] = trainer.momentum_encoder.non_trainable_variables
+  return {name: [c.numpy().copy() for v in vs for c in local(v)]
+          for name, vs in groups.items() if vs}
+
+
+def _assert_state_equal(a, b):
+  assert a.keys() == b.keys()
+  for name in a:
+    assert len(a[name]) == len(b[name]) > 0, name
+    for x, y in zip(a[name], b[name]):
+      assert x.tobytes() == y.tobytes(), name
+
+
+def test_nonfinite_report_names_first_step_and_terms():
+  """Without skipping: the NaN image of step 2 makes every term but the
+  weight decay (of the weights before the step) non-finite; step 3 then
+  starts from NaN weights. The report names step 2 (global step 1 → 2)."""
+  strategy = _one_replica_strategy()
+  trainer = _tiny_trainer(strategy, _tiny_arrays(3, B, bad_batch=1), B)
+  outputs = trainer.train(tf.constant(1))
+  assert trainer.nonfinite_report() is None
+  assert int(outputs['train/nonfinite_steps']) == 0
+  assert np.isfinite(float(outputs['train/loss']))
+  outputs = trainer.train(tf.constant(2))
+  assert int(trainer.global_step.numpy()) == 3
+  report = trainer.nonfinite_report()
+  assert report == trainer_lib.NonFiniteReport(
+      first_step=2,
+      terms=('contrast_loss', 'supervised_loss', 'loss', 'gradients'),
+      count=2)
+  assert int(outputs['train/nonfinite_steps']) == 2
+  assert np.isnan(float(outputs['train/loss']))
+  # The update went through: the weights are NaN now.
+  assert np.isnan(trainer.model.proj.kernel.numpy()).all()
+
+
+@pytest.mark.parametrize('objective,optimizer_name',
+                         [('fnc', 'lars'), ('sogclr', 'momentum')])
+def test_skip_nonfinite_step_changes_nothing_but_the_global_step(
+    objective, optimizer_name):
+  """skip_nonfinite: an inf image at step 2 leaves the weights, optimizer
+  slots, BN moving statistics, the objective's state (FNC's queue, SogCLR's
+  u) and the momentum encoder (weights and BN) bit for bit as they were;
+  the global step advances; the following good steps update all of them."""
+  strategy = _one_replica_strategy()
+  arrays = _tiny_arrays(4, B, bad_batch=1, bad_row=2, bad_value=np.inf)
+  trainer = _tiny_trainer(strategy, arrays, B, objective=objective,
+                          optimizer_name=optimizer_name, skip_nonfinite=True)
+  trainer.train(tf.constant(1))
+  before = _state(trainer)
+  expected = {'trainable', 'bn_moving', 'slots', 'objective'}
+  if objective == 'fnc':
+    expected |= {'encoder', 'encoder_bn'}
+  assert set(before) == expected
+  outputs = trainer.train(tf.constant(1))
+  _assert_state_equal(_state(trainer), before)
+  assert int(trainer.global_step.numpy()) == 2
+  report = trainer.nonfinite_report()
+  assert report.first_step == 2 and report.count == 1
+  assert 'contrast_loss' in report.terms and 'loss' in report.terms
+  assert int(outputs['train/nonfinite_steps']) == 1
+  # The only step of the loop was skipped: its metrics saw nothing.
+  assert np.isnan(float(outputs['train/loss']))
+  outputs = trainer.train(tf.constant(2))
+  assert int(trainer.global_step.numpy()) == 4
+  assert trainer.nonfinite_report() is None  # reset for each loop
+  assert int(outputs['train/nonfinite_steps']) == 0
+  assert np.isfinite(float(outputs['train/loss']))
+  after = _state(trainer)
+  for name in after:
+    changed = [not np.array_equal(x, y)
+               for x, y in zip(after[name], before[name])]
+    assert any(changed), name
+    assert all(np.isfinite(x).all() for x in after[name]), name
+  assert all(not np.array_equal(x, y) for x, y in
+             zip(after['trainable'], before['trainable']))
+
+
+def test_skip_nonfinite_on_one_replica_skips_on_both(two_replicas):
+  """2 replicas, per-replica BN, fine-tuning: a NaN image in the second
+  replica's half leaves the first replica's terms finite, yet both agree
+  and skip (the first replica decides for the merged update, so without
+  the all-reduce its copy would apply NaN gradients)."""
+  strategy = two_replicas
+  arrays = _tiny_arrays(3, 2 * B, bad_batch=1, bad_row=B + 1)
+  trainer = _tiny_trainer(strategy, arrays, 2 * B, optimizer_name='momentum',
+                          train_mode='finetune', skip_nonfinite=True)
+  trainer.train(tf.constant(1))
+  before = _state(trainer)
+  assert set(before) == {'trainable', 'bn_moving', 'slots'}
+  # Two copies of each: mirrored weights and slots, per-replica BN.
+  assert len(before['bn_moving']) == 2 * len(
+      trainer.model.non_trainable_variables)
+  outputs = trainer.train(tf.constant(1))
+  _assert_state_equal(_state(trainer), before)
+  assert int(trainer.global_step.numpy()) == 2
+  assert trainer.nonfinite_report() == trainer_lib.NonFiniteReport(
+      first_step=2, terms=('supervised_loss', 'loss', 'gradients'), count=1)
+  assert int(outputs['train/nonfinite_steps']) == 1
+  trainer.train(tf.constant(1))
+  assert int(trainer.global_step.numpy()) == 3
+  assert trainer.nonfinite_report() is None
+  after = _state(trainer)
+  for x, y in zip(after['trainable'], before['trainable']):
+    assert not np.array_equal(x, y) and np.isfinite(x).all()
+
+
+class _NaNGradientObjective(obj_lib.Objective):
+  """Loss sqrt(|z − stop_gradient(z)|²) = 0, whose gradient is 0·∞ = NaN."""
+  metric_names = ()
+
+  def contrast(self, views, batch, keys):
+    diff = views - tf.stop_gradient(views)
+    return tf.sqrt(tf.reduce_sum(tf.square(diff))), {}
+
+
+def test_finite_loss_with_nan_gradient_is_skipped():
+  strategy = _one_replica_strategy()
+  trainer = _tiny_trainer(strategy, _tiny_arrays(2, B), B,
+                          skip_nonfinite=True)
+  trainer.objective = _NaNGradientObjective()
+  before = _state(trainer)
+  outputs = trainer.train(tf.constant(2))
+  assert int(trainer.global_step.numpy()) == 2
+  assert trainer.nonfinite_report() == trainer_lib.NonFiniteReport(
+      first_step=1, terms=('gradients',), count=2)
+  assert int(outputs['train/nonfinite_steps']) == 2
+  after = _state(trainer)
+  # The slots were created (zero) when the step was traced.
+  assert all(not x.any() for x in after.pop('slots'))
+  _assert_state_equal(after, before)
+
+
+@pytest.mark.parametrize('replicas,stop_within_loop',
+                         [(1, True), (2, True), (1, False)])
+def test_stop_requested_before_loop(replicas, stop_within_loop):
+  """A requested stop makes every step a no-op: the global step stays and
+  the iterator is not read (its two batches are still there afterwards).
+  With stop_within_loop=False the check is not compiled in."""
+  strategy = (two_replica_strategy() if replicas == 2 else
+              _one_replica_strategy())
+  batch_size = replicas * B
+  trainer = _tiny_trainer(strategy, _tiny_arrays(2, batch_size), batch_size,
+                          stop_within_loop=stop_within_loop)
+  trainer.stop_requested.assign(True)
+  if not stop_within_loop:
+    trainer.train(tf.constant(2))
+    assert int(trainer.global_step.numpy()) == 2
+    return
+  outputs = trainer.train(tf.constant(5))
+  assert int(trainer.global_step.numpy()) == 0
+  assert trainer.nonfinite_report() is None
+  assert int(outputs['train/nonfinite_steps']) == 0
+  assert np.isnan(float(outputs['train/loss']))  # no step seen
+  trainer.stop_requested.assign(False)
+  trainer.train(tf.constant(2))
+  assert int(trainer.global_step.numpy()) == 2
+  with pytest.raises(tf.errors.OutOfRangeError):
+    trainer.train(tf.constant(1))
+
+
+def test_stop_requested_from_another_thread_ends_the_loop_early():
+  """A watcher thread sets stop_requested once the loop has made a few
+  steps; the loop ends long before the requested number of steps."""
+  import threading  # pylint: disable=g-import-not-at-top
+  import time  # pylint: disable=g-import-not-at-top
+  strategy = _one_replica_strategy()
+  trainer = _tiny_trainer(strategy, _tiny_arrays(2, B), B, repeat=True)
+  trainer.train(tf.constant(1))  # traces the loop
+  requested = 20000
+
+  def watch():
+    deadline = time.time() + 60
+    while int(trainer.global_step.numpy()) < 4 and time.time() < deadline:
+      time.sleep(0.001)
+    trainer.stop_requested.assign(True)
+
+  thread = threading.Thread(target=watch)
+  thread.start()
+  trainer.train(tf.constant(requested))
+  thread.join()
+  steps = int(trainer.global_step.numpy()) - 1
+  assert 3 <= steps < requested
