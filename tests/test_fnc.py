@@ -1,6 +1,8 @@
 """FNC: identification and loss against NumPy, NT-Xent equivalence, replica
 equivalence, the memory queue, validation, and run.py end to end."""
 
+import contextlib
+import io
 import os
 
 import numpy as np
@@ -611,9 +613,12 @@ def test_randaugment_follows_objective_default_and_flag(tmp_path):
 
 
 def test_queue_smaller_than_a_batch_of_keys_exits_clearly(tmp_path):
-  with pytest.raises(SystemExit) as exit_info:
+  stderr = io.StringIO()
+  with pytest.raises(SystemExit) as exit_info, \
+      contextlib.redirect_stderr(stderr):
     run.run_from_flags(config_lib.parse_argv(_argv(
         model_dir=str(tmp_path / 'small'), memory_multiplier=2)))
-  assert '--memory_multiplier=2' in str(exit_info.value.code)
-  assert 'fewer than one batch of keys' in str(exit_info.value.code)
+  assert exit_info.value.code == 2
+  assert '--memory_multiplier=2' in stderr.getvalue()
+  assert 'fewer than one batch of keys' in stderr.getvalue()
   assert not os.path.exists(tmp_path / 'small' / 'checkpoint')

@@ -4,6 +4,8 @@ equivalence, the objective's loss and queue, the table, re-assignment
 (with a re-assignment inside the run). The clustering itself is tested in
 test_clustering.py."""
 
+import contextlib
+import io
 import json
 import os
 
@@ -547,10 +549,13 @@ def test_resume_restores_the_table_without_reassigning(ifnd_run):
 
 
 def test_bad_ifnd_flags_exit_before_training(tmp_path):
-  with pytest.raises(SystemExit) as exit_info:
+  stderr = io.StringIO()
+  with pytest.raises(SystemExit) as exit_info, \
+      contextlib.redirect_stderr(stderr):
     run.run_from_flags(config_lib.parse_argv(_argv(
         model_dir=str(tmp_path / 'bad'), ifnd_num_clusters='10,5000')))
-  assert 'cannot make 5000 clusters' in str(exit_info.value.code)
+  assert exit_info.value.code == 2
+  assert 'cannot make 5000 clusters' in stderr.getvalue()
   assert not os.path.exists(tmp_path / 'bad' / 'checkpoint')
 
 

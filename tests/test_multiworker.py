@@ -174,7 +174,8 @@ def test_workers_equal_one_process_on_the_same_global_batch(case, num_workers,
   # One step at a negligible learning rate: the forward pass, BN statistics
   # and every objective state update are compared; the weight updates are
   # not (after one step at lr 0.01 the 2-worker BN gammas and Momentum
-  # slots differ from one process's by up to 4e-3: an open finding).
+  # slots differ from one process's by up to 4e-3, likely ReLU flips from
+  # ~1e-7 rounding differences, see tests/test_trainer.py; unconfirmed).
   args = EQUALITY_CASES[case] + [
       '--train_steps=1', '--checkpoint_steps=1', '--mode=train',
       '--train_summary_steps=0', '--deterministic', '--seed=3',

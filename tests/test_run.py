@@ -556,3 +556,38 @@ def test_resume_without_seed_continues_the_epoch(tmp_path):
     expected.update(batch['id'].numpy().tolist())
   assert len(expected) == 4 * 32
   assert seen == expected
+
+
+# ------------------------------------------ interrupted work
+
+
+def test_restart_finishes_an_interrupted_export_and_cleans_up(tmp_path):
+  """A kill during the final export leaves no export and a half-written
+  saved_model/<step>.tmp (and, from a kill mid-save, ckpt-N_temp and
+  checkpoint.tmp<hex>): the restart removes them and exports."""
+  model_dir = tmp_path / 'export'
+  flags = dict(image_size=16, width_multiplier=0.125, train_steps=2,
+               model_dir=str(model_dir), mode='train')
+  run_flags(**flags)
+  export = model_dir / 'saved_model' / '2'
+  tf.io.gfile.rmtree(str(export))
+  leftovers = [model_dir / 'saved_model' / '2.tmp', model_dir / 'ckpt-3_temp',
+               model_dir / ('checkpoint.tmp' + '0123456789abcdef' * 2)]
+  for path in leftovers[:2]:
+    path.mkdir()
+  leftovers[2].write_text('partial')
+  run_flags(**flags)
+  assert export.is_dir()
+  assert not [path for path in leftovers if path.exists()]
+
+
+def test_corrupt_latest_checkpoint_falls_back_to_the_previous(tmp_path):
+  model_dir = tmp_path / 'corrupt'
+  flags = dict(image_size=16, width_multiplier=0.125, train_steps=4,
+               checkpoint_steps=2, model_dir=str(model_dir), mode='train')
+  run_flags(**flags)
+  data = next(model_dir.glob('ckpt-4.data-*'))
+  data.write_bytes(data.read_bytes()[:100])
+  run_flags(**flags)  # resumes from ckpt-2 and trains steps 3 and 4 again
+  values = read_checkpoint(tf.train.latest_checkpoint(str(model_dir)))
+  assert values['optimizer/iter/.ATTRIBUTES/VARIABLE_VALUE'] == 4
