@@ -655,7 +655,7 @@ IDENTITY_FLAGS = (
     'sk_ratio', 'se_ratio', 'proj_head_mode', 'proj_out_dim',
     'num_proj_layers', 'num_classes', 'lineareval_while_pretraining',
     'optimizer', 'memory_multiplier', 'support_size', 'dcl_u_store',
-    'ifnd_num_clusters', 'DCL_mode', 'GCL_mode', 'BI_mode')
+    'ifnd_num_clusters')  # --DCL_mode and its older names: via objective
 
 # --distribution_strategy values (official.common.distribute_utils).
 STRATEGIES = ('one_device', 'mirrored', 'multi_worker_mirrored', 'tpu', 'off')
