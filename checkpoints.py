@@ -263,9 +263,10 @@ def check_resume_fits_all(checkpoint, path, optional=()):
   checkpoint lacks (a run with another objective or flags wrote it), unless
   its name is in `optional` or below one (e.g. 'nonfinite_skipped' for a
   counter newer than the checkpoint); a key of the checkpoint this run does
-  not have. Not compared (returned, not errors): the checkpoint's
-  `save_counter` and object graph, and the slots and hyperparameter
-  variables of an optimizer that has not created its own yet (the restore
+  not have, unless optional (float16's loss scale in a float32 run). Not
+  compared (returned, not errors): the checkpoint's `save_counter` and
+  object graph, its optional keys this run does not have, and the slots
+  and hyperparameter variables of an optimizer that has not created its own yet (the restore
   fills them in when it creates them; a change of --optimizer is caught by
   `compare_run_flags`). Reads no tensor values.
 
@@ -309,7 +310,7 @@ def check_resume_fits_all(checkpoint, path, optional=()):
     name = readable_name(key)
     if key in expected:
       continue
-    if (key == GRAPH_KEY or name == SAVE_COUNTER or
+    if (key == GRAPH_KEY or name == SAVE_COUNTER or is_optional(name) or
         any(_owner(key, p) for p in lazy)):
       not_compared.append(name)
     else:
@@ -318,7 +319,8 @@ def check_resume_fits_all(checkpoint, path, optional=()):
     raise CheckpointMismatchError(
         f'The checkpoint {path} in --model_dir does not fit the model built '
         'from these flags (another objective, resnet_depth, width_multiplier, '
-        'heads, num_classes, memory_multiplier, batch size or dataset?). Use '
+        'heads, num_classes, memory_multiplier, batch size, dataset, or '
+        '--precision=float64 against 32-bit variables?). Use '
         'the flags of the run that wrote it (its flags.json in --model_dir) '
         'or another --model_dir.'
         + (f'\nShape or dtype mismatches:{_grouped_listing(mismatched)}'

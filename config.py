@@ -120,12 +120,13 @@ def define_flags(flag_values=FLAGS):
                  'Maximum number of checkpoints to keep.')
   DEFINE_integer('keep_hub_module_max', 1,
                  'Maximum number of exported SavedModels to keep.')
-  DEFINE_enum('export_format', 'both', list(checkpoints.EXPORT_FORMATS),
+  DEFINE_enum('export_format', 'both',
+              list(checkpoints.EXPORT_FORMATS) + ['none'],
               'Interfaces of the exported SavedModel: serving (signature '
               'serving_default: features, projection, logits), hub (the '
               'original SimCLR TF2 export: saved_model(images, '
-              'trainable=False) -> final_avg_pool, block_group1..4, ...) or '
-              'both.')
+              'trainable=False) -> final_avg_pool, block_group1..4, ...), '
+              'both, or none (no export: checkpoints only).')
   DEFINE_float('temperature', 0.1,
                'Temperature parameter for contrastive loss.')
   DEFINE_boolean('hidden_norm', True,
@@ -141,6 +142,13 @@ def define_flags(flag_values=FLAGS):
                  'fine-tuning: 0 = no projection head, -1 = the last.')
   DEFINE_boolean('global_bn', True,
                  'Whether to aggregate BN statistics across replicas.')
+  DEFINE_enum('precision', None, ['float32', 'bfloat16', 'float16',
+                                  'float64'],
+              'Compute dtype of convolutions and dense layers (variables, '
+              'BN statistics, losses and objective state stay float32): '
+              'bfloat16 / float16 are Keras mixed precision (float16 with '
+              'dynamic loss scaling); float64 is for numerical checks. '
+              'Unset: bfloat16 on TPU, float32 elsewhere.')
   DEFINE_float('width_multiplier', 1,
                'Multiplier of the ResNet width (fractions give thinner '
                'nets, e.g. 0.25 for CPU smoke tests).')
@@ -344,6 +352,7 @@ class ModelConfig:
   ft_proj_selector: int = 0
   batch_norm_decay: float = 0.9
   global_bn: bool = True
+  precision: Optional[str] = None  # None: bfloat16 on TPU, else float32
   num_classes: int = 0  # 0: from the dataset
   lineareval_while_pretraining: bool = True
   fine_tune_after_block: int = -1

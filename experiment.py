@@ -25,6 +25,7 @@ from absl import logging
 import numpy as np
 import orbit
 import tensorflow as tf
+import tf_keras
 
 import actions
 import checkpoints
@@ -166,7 +167,19 @@ def plan_steps(cfg, num_train_examples, objective=None):
                   knn_eval_steps=knn_epochs * epoch_steps)
 
 
-def build_model(cfg, num_classes):
+# The checkpoint key of float16's dynamic loss scale.
+LOSS_SCALE_KEY = 'loss_scale'
+
+
+def resolve_precision(cfg, strategy):
+  """--precision, or its default: bfloat16 on TPU, float32 elsewhere."""
+  if cfg.model.precision:
+    return cfg.model.precision
+  return ('bfloat16' if isinstance(strategy, tf.distribute.TPUStrategy)
+          else 'float32')
+
+
+def build_model(cfg, num_classes, precision='float32'):
   """`model.Model` of `cfg.model` (call inside the strategy scope)."""
   m = cfg.model
   return model_lib.Model(
@@ -178,18 +191,25 @@ def build_model(cfg, num_classes):
       ft_proj_selector=m.ft_proj_selector, train_mode=cfg.train_mode,
       lineareval_while_pretraining=m.lineareval_while_pretraining,
       fine_tune_after_block=m.fine_tune_after_block,
-      batch_norm_decay=m.batch_norm_decay, global_bn=m.global_bn)
+      batch_norm_decay=m.batch_norm_decay, global_bn=m.global_bn,
+      precision=precision)
 
 
-def build_optimizer(cfg, num_train_examples, train_steps):
+def build_optimizer(cfg, num_train_examples, train_steps, precision='float32'):
+  """The optimizer of `cfg`; for float16 wrapped in Keras' dynamic loss
+  scaling (`LossScaleOptimizer`: a step whose scaled gradients overflow is
+  skipped and the scale halved)."""
   schedule = lars_optimizer.WarmUpAndCosineDecay(
       cfg.schedule.learning_rate, num_train_examples,
       cfg.data.train_batch_size, warmup_epochs=cfg.schedule.warmup_epochs,
       total_steps=train_steps,
       learning_rate_scaling=cfg.schedule.learning_rate_scaling)
-  return lars_optimizer.build_optimizer(
+  optimizer = lars_optimizer.build_optimizer(
       cfg.optimizer.name, schedule, momentum=cfg.optimizer.momentum,
       weight_decay=cfg.optimizer.weight_decay)
+  if precision == 'float16':
+    optimizer = tf_keras.mixed_precision.LossScaleOptimizer(optimizer)
+  return optimizer
 
 
 def _inside(directory, name):
@@ -247,15 +267,16 @@ class Experiment:
     self.steps = plan_steps(cfg, self.data.num_train_examples, self.objective)
     size = cfg.data.image_size
     dummy = tf.zeros([1, size, size, 3 * self.num_views])
+    self.precision = resolve_precision(cfg, strategy)
     with strategy.scope():
-      self.model = build_model(cfg, self.data.num_classes)
+      self.model = build_model(cfg, self.data.num_classes, self.precision)
       projections, _ = self.model(dummy, training=False)
       self.momentum_encoder = None
       if self.objective is not None and self.objective.uses_momentum_encoder:
         self.momentum_encoder = self.model.make_momentum_encoder()
         self.momentum_encoder(dummy, training=False)
       self.optimizer = build_optimizer(cfg, self.data.num_train_examples,
-                                       self.steps.train_steps)
+                                       self.steps.train_steps, self.precision)
       state = {}
       if self.objective is not None:
         self.objective.build(
@@ -273,8 +294,17 @@ class Experiment:
       self.nonfinite_skipped = tf.Variable(0, dtype=tf.int64,
                                            trainable=False,
                                            name='nonfinite_skipped')
+      # The optimizer's keys are the same in every precision; float16 adds
+      # its dynamic loss scale (the LossScaleOptimizer's own trackable: the
+      # wrapper itself would save the slots twice), so a run can resume in
+      # another precision of the same variable dtype.
+      if isinstance(self.optimizer,
+                    tf_keras.mixed_precision.LossScaleOptimizer):
+        state[LOSS_SCALE_KEY] = self.optimizer._loss_scale  # pylint: disable=protected-access
       self.checkpoint = tf.train.Checkpoint(
-          model=self.model, optimizer=self.optimizer,
+          model=self.model,
+          optimizer=getattr(self.optimizer, 'inner_optimizer',
+                            self.optimizer),
           input_seed=self.input_seed,
           nonfinite_skipped=self.nonfinite_skipped, **state)
     self.global_step = self.optimizer.iterations
@@ -365,7 +395,8 @@ class Experiment:
           'another --model_dir.')
     try:
       if restore_path:
-        checkpoints.check_resume_fits_all(self.checkpoint, restore_path)
+        checkpoints.check_resume_fits_all(self.checkpoint, restore_path,
+                                          optional=(LOSS_SCALE_KEY,))
       elif ckpt.checkpoint:
         checkpoints.check_warm_start_fits(
             self.model, checkpoints.resolve_checkpoint_path(ckpt.checkpoint),
@@ -577,7 +608,8 @@ class Experiment:
                    step, self.steps.train_steps)
       export_dir = os.path.join(cfg.checkpoint.model_dir, 'saved_model',
                                 str(step))
-      if self.is_chief and not tf.io.gfile.exists(export_dir):
+      if (self.is_chief and cfg.checkpoint.export_format != 'none' and
+          not tf.io.gfile.exists(export_dir)):
         logging.info('Its export is missing (interrupted?); exporting.')
         self.export()
       return
@@ -629,8 +661,11 @@ class Experiment:
 
   def export(self):
     """SavedModel of the current weights in model_dir/saved_model/<step>,
-    with the interfaces of --export_format."""
+    with the interfaces of --export_format (none: no export)."""
     ckpt = self.config.checkpoint
+    if ckpt.export_format == 'none':
+      logging.info('No SavedModel export (--export_format=none).')
+      return None
     # Every worker saves (as Model Garden does); a non-chief one into a
     # temporary directory that it deletes.
     root = ckpt.model_dir if self.is_chief else tempfile.mkdtemp(

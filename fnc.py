@@ -129,10 +129,11 @@ class FNCResult(NamedTuple):
 
 def fnc_column_terms(views, columns, num_views, temperature, fn_topk,
                      fn_threshold, strategy='attraction', labels=None,
-                     column_labels=None):
+                     column_labels=None, unit_rows=False):
   """`fnc_terms` against columns already gathered (`objective.
   contrast_columns`); column_labels [C] (`objective.values_per_column`)
-  with labels, for the metrics only."""
+  with labels, for the metrics only; unit_rows as `objective.
+  contrast_logits`."""
   if strategy not in STRATEGIES:
     raise ValueError(f'fn_strategy must be one of {STRATEGIES}, got '
                      f'{strategy!r}.')
@@ -140,7 +141,8 @@ def fnc_column_terms(views, columns, num_views, temperature, fn_topk,
       columns.queries, columns.candidates, columns.own_image, num_views,
       fn_topk, fn_threshold, columns.valid)
   loss, metrics = objective.cancellation_terms(
-      views, columns, num_views, temperature, [fn_mask], strategy)
+      views, columns, num_views, temperature, fn_mask[tf.newaxis], strategy,
+      unit_rows)
   fn_count = tf.reduce_sum(tf.cast(fn_mask, tf.float32), axis=1)
   metrics['fn_per_anchor'] = tf.reduce_mean(fn_count)
   if labels is not None:
@@ -285,5 +287,6 @@ class FNC(objective.MemoryObjective):
     result = fnc_column_terms(
         views, columns, self.num_views, self.temperature, self.topk,
         self.threshold, self.strategy, labels=batch.get('label'),
-        column_labels=self.batch_values_per_column(batch, 'label'))
+        column_labels=self.batch_values_per_column(batch, 'label'),
+        unit_rows=self.hidden_norm)
     return result.loss, result.metrics

@@ -15,14 +15,15 @@ action, does this between host loops.
 
 During training, for an anchor of image i, a column of image j ≠ i is a
 false negative at level l when both are labelled there and table[i, l] =
-table[j, l] (`pseudo_label_mask`). The loss is
+table[j, l] (`pseudo_label_mask`, boolean). The loss is
 `objective.cancellation_loss` (elimination by default: F leaves the
-denominator; attraction: F joins the positives) against the in-batch views
-(memory_multiplier 0, NT-Xent base) or the momentum keys + queue (memory
-mode, `objective.MemoryObjective`; queued keys carry their example ids).
-Levels combine as the mean of the per-level losses (`mean`, default) or one
-loss with the union of the masks (`any`). With an empty table the loss
-equals the base loss exactly.
+denominator; attraction: F joins the positives), every level from the same
+logits (`objective.contrast_logits`: one matmul and exp a step), against
+the in-batch views (memory_multiplier 0, NT-Xent base) or the momentum
+keys + queue (memory mode, `objective.MemoryObjective`; queued keys carry
+their example ids). Levels combine as the mean of the per-level losses
+(`mean`, default) or one loss with the union of the masks (`any`). With an
+empty table the loss equals the base loss exactly.
 
 Choices not in the paper summary (SPEC §9): see clustering.py for the
 k-means; the acceptance rate is applied at each re-assignment with r = the
@@ -89,17 +90,15 @@ def pseudo_label_mask(anchor_ids, column_ids, table):
   """
   anchor_ids = tf.cast(anchor_ids, tf.int32)
   column_ids = tf.cast(column_ids, tf.int32)
-  known = column_ids >= 0
-  anchor = tf.transpose(tf.gather(table, anchor_ids))             # [L, b]
+  anchor = tf.gather(table, anchor_ids)                            # [b, L]
+  # No label: −2 for anchors, −1 for columns, so they never match.
+  anchor = tf.transpose(tf.where(anchor >= 0, anchor, -2))         # [L, b]
   column = tf.transpose(tf.where(
-      known[:, tf.newaxis], tf.gather(table, tf.maximum(column_ids, 0)),
-      -1))                                                         # [L, C]
+      column_ids[:, tf.newaxis] >= 0,
+      tf.gather(table, tf.maximum(column_ids, 0)), -1))            # [L, C]
   same = tf.equal(anchor[:, :, tf.newaxis], column[:, tf.newaxis, :])
-  labelled = tf.logical_and(anchor[:, :, tf.newaxis] >= 0,
-                            column[:, tf.newaxis, :] >= 0)
   other = tf.not_equal(anchor_ids[:, tf.newaxis], column_ids[tf.newaxis, :])
-  return tf.stop_gradient(tf.logical_and(tf.logical_and(same, labelled),
-                                         other[tf.newaxis]))
+  return tf.stop_gradient(tf.logical_and(same, other[tf.newaxis]))
 
 
 class IFNDResult(NamedTuple):
@@ -111,25 +110,24 @@ class IFNDResult(NamedTuple):
 
 def ifnd_column_terms(views, columns, ids, column_ids, table, temperature,
                       strategy='elimination', level_combine='mean',
-                      num_views=2, labels=None, column_labels=None):
+                      num_views=2, labels=None, column_labels=None,
+                      unit_rows=False):
   """`ifnd_terms` against columns already gathered (`objective.
   contrast_columns`); column_ids [C] and, with labels, column_labels [C]
-  are `objective.values_per_column` of ids and labels."""
+  are `objective.values_per_column` of ids and labels; unit_rows as
+  `objective.contrast_logits`."""
   if level_combine not in LEVEL_COMBINES:
     raise ValueError(f'ifnd_level_combine must be one of {LEVEL_COMBINES}, '
                      f'got {level_combine!r}.')
   masks = pseudo_label_mask(ids, column_ids, table)            # [L, b, C]
   union = tf.reduce_any(masks, axis=0)
-  if level_combine == 'any':
-    level_masks = [union]
-  else:
-    level_masks = tf.unstack(masks, num=table.shape[1], axis=0)
+  level_masks = union[tf.newaxis] if level_combine == 'any' else masks
   loss, metrics = objective.cancellation_terms(
-      views, columns, num_views, temperature, level_masks, strategy)
-  removed = tf.stack([tf.reduce_sum(tf.cast(m, tf.float32), axis=1)
-                      for m in level_masks])                   # [L', b]
+      views, columns, num_views, temperature, level_masks, strategy,
+      unit_rows)
+  removed = tf.math.count_nonzero(level_masks, axis=-1)        # [L', b]
   accepted = tf.gather(table, tf.cast(ids, tf.int32)) >= 0     # [b, L]
-  metrics['fn_per_anchor'] = tf.reduce_mean(removed)
+  metrics['fn_per_anchor'] = tf.reduce_mean(tf.cast(removed, tf.float32))
   metrics['accepted_fraction'] = tf.reduce_mean(tf.cast(accepted, tf.float32))
   if labels is not None:
     metrics.update(objective.false_negative_label_metrics(
@@ -145,8 +143,9 @@ def ifnd_terms(views, ids, table, temperature, strategy='elimination',
 
   For anchor view a of image i and each level l (F_l = the columns whose
   example shares i's pseudo label at l, `pseudo_label_mask`), ℓ_l is
-  `objective.cancellation_loss` with F_l (the loss is
-  `objective.cancellation_terms` of the level masks):
+  `objective.cancellation_loss` with F_l, all levels from one
+  `objective.contrast_logits` (the loss is `objective.cancellation_terms`
+  of the level masks):
 
     elimination: ℓ = −(1/|P|) Σ_{p∈P} s_ap/τ
                      + log Σ_{c ≠ self, c valid, c ∉ F_l} exp(s_ac/τ)
@@ -419,7 +418,8 @@ class IFND(objective.MemoryObjective):
         self.batch_values_per_column(batch, 'id'), self.table.labels,
         self.temperature, self.strategy, self.level_combine, self.num_views,
         labels=batch.get('label'),
-        column_labels=self.batch_values_per_column(batch, 'label'))
+        column_labels=self.batch_values_per_column(batch, 'label'),
+        unit_rows=self.hidden_norm)
     metrics = dict(result.metrics, acceptance_rate=tf.identity(
         self.table.rate))
     return result.loss, metrics

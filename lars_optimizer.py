@@ -263,7 +263,8 @@ def weight_decay_loss(variables, optimizer_name, weight_decay):
 
   'lars': only the supervised head's weights (name contains 'head_supervised',
   not 'bias'), since LARS decays everything else itself. 'momentum' / 'adam':
-  every non-BN variable. Returns a float32 scalar (0 when no variable counts).
+  every non-BN variable. Returns a scalar in the variables' dtype (float32 0
+  when no variable counts).
   """
   _check_choice(optimizer_name, OPTIMIZERS, 'optimizer')
   if optimizer_name == 'lars':
@@ -274,5 +275,5 @@ def weight_decay_loss(variables, optimizer_name, weight_decay):
     chosen = [v for v in variables if not is_batch_norm_variable(v)]
   if not chosen:
     return tf.constant(0., tf.float32)
-  total = tf.add_n([tf.cast(tf.nn.l2_loss(v), tf.float32) for v in chosen])
-  return tf.cast(weight_decay, tf.float32) * total
+  total = tf.add_n([tf.nn.l2_loss(v) for v in chosen])
+  return tf.cast(weight_decay, total.dtype) * total

@@ -13,6 +13,7 @@ ResNet), `head_contrastive/` (projection head) and `head_supervised/`
 """
 
 import collections
+import contextlib
 import types
 
 import tensorflow as tf
@@ -33,6 +34,29 @@ SUPERVISED_HEAD_NAME = 'head_supervised'
 SERVING_OUTPUTS = {'features': 'final_avg_pool',
                    'projection': 'proj_head_output',
                    'logits': 'logits_sup'}
+
+
+# --precision → the Keras dtype policy the layers are built under. The
+# mixed policies keep variables (and so BN statistics, the optimizer and
+# weight decay) in float32 and compute convolutions and dense layers in the
+# 16-bit type; Keras BN normalises 16-bit inputs in float32.
+PRECISION_POLICIES = {'float32': 'float32', 'bfloat16': 'mixed_bfloat16',
+                      'float16': 'mixed_float16', 'float64': 'float64'}
+
+
+@contextlib.contextmanager
+def precision_policy(precision):
+  """Layers constructed inside use the dtype policy of `precision` (a key of
+  PRECISION_POLICIES); the global policy is put back afterwards."""
+  if precision not in PRECISION_POLICIES:
+    raise ValueError(f'Unknown precision {precision!r}; use one of '
+                     f'{", ".join(PRECISION_POLICIES)}.')
+  previous = tf_keras.mixed_precision.global_policy()
+  tf_keras.mixed_precision.set_global_policy(PRECISION_POLICIES[precision])
+  try:
+    yield
+  finally:
+    tf_keras.mixed_precision.set_global_policy(previous)
 
 
 def _escape(name):
@@ -90,7 +114,7 @@ class LinearLayer(tf_keras.layers.Layer):
     self.dense = tf_keras.layers.Dense(
         num_classes,
         kernel_initializer=tf_keras.initializers.RandomNormal(stddev=0.01),
-        use_bias=self.use_bias and not self.use_bn)
+        use_bias=self.use_bias and not self.use_bn, dtype=self.dtype_policy)
     super().build(input_shape)
 
   def call(self, inputs, training):
@@ -182,19 +206,21 @@ def build_encoder(resnet_depth=50, width_multiplier=1, cifar_stem=False,
                   sk_ratio=0.0, se_ratio=0.0, proj_head_mode='nonlinear',
                   proj_out_dim=128, num_proj_layers=3, ft_proj_selector=0,
                   train_mode='pretrain', fine_tune_after_block=-1,
-                  batch_norm_decay=0.9, global_bn=True):
+                  batch_norm_decay=0.9, global_bn=True, precision='float32'):
   """(ResNet, projection head) named `base_model` and `head_contrastive`:
-  the encoder that `Model` and its `MomentumEncoder` twin share."""
+  the encoder that `Model` and its `MomentumEncoder` twin share, its layers
+  under the dtype policy of `precision`."""
   bn_args = dict(batch_norm_decay=batch_norm_decay, global_bn=global_bn)
-  base_model = resnet.resnet(
-      resnet_depth=resnet_depth, width_multiplier=width_multiplier,
-      cifar_stem=cifar_stem, sk_ratio=sk_ratio, se_ratio=se_ratio,
-      fine_tune_after_block=fine_tune_after_block, name=BASE_MODEL_NAME,
-      **bn_args)
-  head = ProjectionHead(
-      proj_head_mode=proj_head_mode, proj_out_dim=proj_out_dim,
-      num_proj_layers=num_proj_layers, ft_proj_selector=ft_proj_selector,
-      train_mode=train_mode, **bn_args)
+  with precision_policy(precision):
+    base_model = resnet.resnet(
+        resnet_depth=resnet_depth, width_multiplier=width_multiplier,
+        cifar_stem=cifar_stem, sk_ratio=sk_ratio, se_ratio=se_ratio,
+        fine_tune_after_block=fine_tune_after_block, name=BASE_MODEL_NAME,
+        **bn_args)
+    head = ProjectionHead(
+        proj_head_mode=proj_head_mode, proj_out_dim=proj_out_dim,
+        num_proj_layers=num_proj_layers, ft_proj_selector=ft_proj_selector,
+        train_mode=train_mode, **bn_args)
   return base_model, head
 
 
@@ -210,6 +236,10 @@ class Model(tf_keras.models.Model):
   `head_supervised`, which are also the first component of every variable's
   checkpoint path (what `--variable_schema` matches). The original's names
   `resnet_model` and `supervised_head` are kept as aliases.
+
+  `precision` (model.PRECISION_POLICIES): the layers' compute dtype; the
+  outputs are cast to the variable dtype (float32, or float64), so losses,
+  logits and softmax never run in 16 bits.
   """
 
   def __init__(self, num_classes, resnet_depth=50, width_multiplier=1,
@@ -217,8 +247,10 @@ class Model(tf_keras.models.Model):
                proj_head_mode='nonlinear', proj_out_dim=128,
                num_proj_layers=3, ft_proj_selector=0, train_mode='pretrain',
                lineareval_while_pretraining=True, fine_tune_after_block=-1,
-               batch_norm_decay=0.9, global_bn=True, **kwargs):
-    super().__init__(**kwargs)
+               batch_norm_decay=0.9, global_bn=True, precision='float32',
+               **kwargs):
+    with precision_policy(precision):
+      super().__init__(**kwargs)
     if train_mode not in ('pretrain', 'finetune'):
       raise ValueError(f'Unknown train_mode {train_mode!r}; use pretrain or '
                        'finetune.')
@@ -229,13 +261,14 @@ class Model(tf_keras.models.Model):
         cifar_stem=cifar_stem, sk_ratio=sk_ratio, se_ratio=se_ratio,
         proj_head_mode=proj_head_mode, proj_out_dim=proj_out_dim,
         num_proj_layers=num_proj_layers, batch_norm_decay=batch_norm_decay,
-        global_bn=global_bn))
+        global_bn=global_bn, precision=precision))
     self.base_model, self.head_contrastive = build_encoder(
         fine_tune_after_block=fine_tune_after_block,
         ft_proj_selector=ft_proj_selector, train_mode=train_mode,
         **self._encoder_config)
     if train_mode == 'finetune' or lineareval_while_pretraining:
-      self.head_supervised = SupervisedHead(num_classes)
+      with precision_policy(precision):
+        self.head_supervised = SupervisedHead(num_classes)
     else:
       self.head_supervised = None
 
@@ -278,7 +311,8 @@ class Model(tf_keras.models.Model):
     if self.head_supervised is not None:
       outputs['logits_sup'] = self.head_supervised(selected,
                                                    training=training)
-    return outputs
+    return {name: tf.cast(value, self.dtype)
+            for name, value in outputs.items()}
 
   def outputs_dict(self, images, training=False):
     """{'features', 'projection'[, 'logits']} of a single-view batch: the
@@ -296,12 +330,15 @@ class Model(tf_keras.models.Model):
     hiddens = self.base_model(features, training=training)
     projections, supervised_inputs = self.head_contrastive(
         hiddens, training=training)
+    projections = tf.cast(projections, self.dtype)
     if self.train_mode == 'finetune':
-      return None, self.head_supervised(supervised_inputs, training=training)
+      return None, tf.cast(
+          self.head_supervised(supervised_inputs, training=training),
+          self.dtype)
     if self.head_supervised is not None:
       logits = self.head_supervised(
           tf.stop_gradient(supervised_inputs), training=training)
-      return projections, logits
+      return projections, tf.cast(logits, self.dtype)
     return projections, None
 
 
@@ -329,7 +366,8 @@ class MomentumEncoder(tf_keras.Model):
   def __init__(self, name='momentum_encoder', **encoder_config):
     """`encoder_config`: the architecture arguments of `build_encoder`
     (those of the `Model` it follows)."""
-    super().__init__(name=name)
+    with precision_policy(encoder_config.get('precision', 'float32')):
+      super().__init__(name=name)
     self.base_model, self.head_contrastive = build_encoder(**encoder_config)
     self._pairs = None
 
@@ -337,7 +375,7 @@ class MomentumEncoder(tf_keras.Model):
     features = stack_views(inputs)
     hiddens = self.base_model(features, training=training)
     projections, _ = self.head_contrastive(hiddens, training=training)
-    return projections
+    return tf.cast(projections, self.dtype)
 
   def _variable_pairs(self, model):
     """[(own variable, model's variable)] matched by checkpoint path."""

@@ -15,9 +15,9 @@ What more than one objective needs lives here, once:
 * the candidate columns of multi-view and memory-queue objectives (FNC,
   IFND): `contrast_columns`, the own-image mask, per-column ids / labels
   (`values_per_column`), the loss with false negatives cancelled
-  (`cancellation_loss`) and its metrics, `MemoryQueue`, and
-  `MemoryObjective`, the base of objectives with an optional momentum-key
-  queue.
+  (`cancellation_loss`: every mask from one `contrast_logits`) and its
+  metrics, `MemoryQueue`, and `MemoryObjective`, the base of objectives
+  with an optional momentum-key queue.
 
 Column layout. Every tensor of views is view-major: row v·b + k is view v of
 local image k ([V·b, d]); after the cross-replica gather, row v·B + i is view
@@ -34,6 +34,7 @@ the anchor's own image are v·B + i (`own_image_mask`).
 import dataclasses
 from typing import Callable, NamedTuple, Optional
 
+import numpy as np
 import tensorflow as tf
 
 LARGE_NUM = 1e9
@@ -322,102 +323,166 @@ def values_per_column(values, num_views, queue_values=None, queue=None,
   return column
 
 
-def _masked_logsumexp(logits, keep):
-  return tf.reduce_logsumexp(
-      tf.where(keep, logits, tf.cast(-float('inf'), logits.dtype)), axis=1)
+class ContrastLogits(NamedTuple):
+  """The logits of one replica's anchors, shared by every false-negative mask
+  (`contrast_logits`). Anchor (a, k) = view a of local image k."""
+  logits: tf.Tensor        # [V, b, C] s/τ, −inf on self and invalid columns
+  shift: tf.Tensor         # [V, b] row max of logits (no gradient)
+  exp: tf.Tensor           # [V, b, C] exp(logits − shift), 0 where −inf
+  total: tf.Tensor         # [V, b] Σ_c exp, the denominator before any F
+  positive_sum: tf.Tensor  # [V, b] Σ_{p∈P} s_ap/τ
+  bounded: bool            # (Python) no kept sum can underflow: unchecked
 
 
-def cancellation_loss(views, columns, num_views, temperature, fn_mask,
-                      strategy='attraction'):
-  """Per-anchor contrastive loss with false negatives F cancelled.
+def contrast_logits(views, columns, num_views, temperature, unit_rows=False):
+  """The [V·b, C] logits and their mask-independent reductions, once a step.
 
-  For anchor row r = a·b + k (view a of local image k; self = column
-  a·B + i, P = the other V − 1 columns of image i, F = fn_mask[k]):
+  For anchor a·b + k (global index i): self = column a·B + i, P = the other
+  V − 1 columns of image i (v·B + i, v ≠ a), contrast = every valid column
+  but self (compared, no one-hot); Σ_P s/τ = a·(Σ_{v≠a} own rows)/τ.
+  unit_rows: views and candidates are unit vectors (|s/τ| ≤ 1/τ); with 2/τ
+  within the dtype's exponent range the shared exp is then `bounded` and
+  nothing is checked.
+  """
+  local_images = tf.shape(views)[0] // num_views
+  num_columns = tf.shape(columns.candidates)[0]
+  raw = tf.reshape(
+      tf.matmul(views, columns.candidates, transpose_b=True) / temperature,
+      [num_views, local_images, num_columns])
+  own = (tf.range(num_views)[:, tf.newaxis] * columns.global_batch +
+         columns.index[tf.newaxis, :])                          # [V, b]
+  contrast = tf.not_equal(tf.range(num_columns), own[:, :, tf.newaxis])
+  if columns.valid is not None:
+    contrast = tf.logical_and(contrast, columns.valid)
+  logits = tf.where(contrast, raw, tf.cast(-float('inf'), raw.dtype))
+  # The columns v·B + i are the local queries (views or keys) themselves.
+  own_rows = tf.reshape(columns.queries, [num_views, local_images, -1])
+  positives = tf.reduce_sum(own_rows, axis=0) - own_rows      # Σ_{v≠a}
+  positive_sum = tf.reduce_sum(
+      tf.reshape(views, [num_views, local_images, -1]) * positives,
+      axis=-1) / temperature
+  shift = tf.stop_gradient(tf.reduce_max(logits, axis=-1))
+  exp = tf.exp(logits - shift[:, :, tf.newaxis])
+  bounded = (unit_rows and isinstance(temperature, (int, float)) and
+             2.0 / temperature < -np.log(_underflow(views.dtype)) - 1.0)
+  return ContrastLogits(logits=logits, shift=shift, exp=exp,
+                        total=tf.reduce_sum(exp, axis=-1),
+                        positive_sum=positive_sum, bounded=bounded)
+
+
+def _underflow(dtype):
+  """Below this a sum of exps has lost precision (tiny / eps)."""
+  info = np.finfo(tf.as_dtype(dtype).as_numpy_dtype)
+  return info.tiny / info.eps
+
+
+def _masked_sums(values, fn_masks, inside):
+  """[M, V, b]: Σ_c values[v, k, c] over c ∈ F_m(k) (inside) or c ∉ F_m(k),
+  F_m = fn_masks[m] [b, C]. The gradient selects the upstream directly
+  (no [V, b, C] zeros or broadcasts per mask)."""
+  zero = tf.zeros([], values.dtype)
+
+  def select(fn_mask, x):
+    return tf.where(fn_mask, x, zero) if inside else tf.where(fn_mask, zero, x)
+
+  @tf.custom_gradient
+  def sums(values):
+    def grad(upstream):
+      return tf.add_n([select(m, g[:, :, tf.newaxis])
+                       for m, g in zip(fn_masks, tf.unstack(upstream))])
+    return tf.stack([tf.reduce_sum(select(m, values), axis=-1)
+                     for m in fn_masks]), grad
+  return sums(values)
+
+
+def _log_kept(shared, kept, fn_masks):
+  """log Σ_{c ∉ F_m} exp(logits) = shift + log kept, [M, V, b]. Unless
+  `shared.bounded`, rows whose kept max lies so far below the row max that
+  kept underflows are redone exactly (one cond for all masks)."""
+  if shared.bounded:
+    return shared.shift + tf.math.log(kept)
+  safe = kept >= _underflow(kept.dtype)
+  fast = shared.shift + tf.math.log(tf.where(safe, kept, tf.ones_like(kept)))
+  minus_inf = tf.cast(-float('inf'), kept.dtype)
+
+  def exact():
+    return tf.where(safe, fast, tf.stack(
+        [tf.reduce_logsumexp(tf.where(m, minus_inf, shared.logits), axis=-1)
+         for m in fn_masks]))
+  return tf.cond(tf.reduce_all(safe), lambda: fast, exact)
+
+
+def cancellation_loss(shared, fn_masks, strategy='attraction'):
+  """Per-anchor loss with false negatives F cancelled, one row per mask.
+
+  For anchor a of image i (shared = `contrast_logits`, F = fn_masks[m, k]):
 
     attraction:  ℓ = −(1/(|P| + |F|)) Σ_{p∈P∪F} s_ap/τ
                      + log Σ_{c ≠ self, c valid} exp(s_ac/τ)
     elimination: ℓ = −(1/|P|) Σ_{p∈P} s_ap/τ
                      + log Σ_{c ≠ self, c valid, c ∉ F} exp(s_ac/τ)
 
+  Each mask only selects from the shared logits / exp (no matmul, no exp).
   With V = 2 and F = ∅ both are NT-Xent's per-anchor term.
 
   Args:
-    views: [V·b, d] online anchors, view-major.
-    columns: `contrast_columns(views, ...)`.
-    num_views: V.
-    temperature: τ.
-    fn_mask: [b, C] bool (no gradient), never true on own or invalid columns.
+    shared: `contrast_logits(...)`.
+    fn_masks: [M, b, C] bool (no gradient), never true on own or invalid
+      columns.
     strategy: one of CANCELLATION_STRATEGIES.
 
   Returns:
-    (per_anchor [V·b], logits [V·b, C], positives [V·b, C] bool,
-     contrast [V·b, C] bool: the columns of the denominator before
-     elimination, i.e. every valid column but self).
+    [M, V·b] per-anchor losses, row a·b + k.
   """
   if strategy not in CANCELLATION_STRATEGIES:
     raise ValueError(f'strategy must be one of {CANCELLATION_STRATEGIES}, '
                      f'got {strategy!r}.')
-  local_images = tf.shape(views)[0] // num_views
-  num_columns = tf.shape(columns.candidates)[0]
-  logits = tf.matmul(views, columns.candidates, transpose_b=True) / temperature
-  view_of_row = tf.repeat(tf.range(num_views), local_images)
-  index_of_row = tf.tile(columns.index, [num_views])
-  own_rows = tf.tile(columns.own_image, [num_views, 1])
-  fn_rows = tf.tile(fn_mask, [num_views, 1])
-  not_self = tf.logical_not(tf.cast(tf.one_hot(
-      view_of_row * columns.global_batch + index_of_row, num_columns),
-                                    tf.bool))
-  positives = tf.logical_and(own_rows, not_self)
-  contrast = not_self
-  if columns.valid is not None:
-    contrast = tf.logical_and(contrast, columns.valid[tf.newaxis, :])
+  fn_masks = tf.unstack(tf.convert_to_tensor(fn_masks, tf.bool))
+  dtype = shared.logits.dtype
+  num_positives = tf.cast(tf.shape(shared.logits)[0] - 1, dtype)
   if strategy == 'attraction':
-    numerator = tf.logical_or(positives, fn_rows)
-    denominator = contrast
+    fn_sums = _masked_sums(shared.logits, fn_masks, inside=True)
+    fn_counts = tf.cast(tf.math.count_nonzero(fn_masks, axis=-1), dtype)
+    per_anchor = (-(shared.positive_sum + fn_sums) /
+                  (num_positives + fn_counts[:, tf.newaxis]) +
+                  shared.shift + tf.math.log(shared.total))
   else:
-    numerator = positives
-    denominator = tf.logical_and(contrast, tf.logical_not(fn_rows))
-  numerator_size = tf.reduce_sum(tf.cast(numerator, logits.dtype), axis=1)
-  mean_positive = tf.reduce_sum(
-      tf.where(numerator, logits, tf.zeros_like(logits)),
-      axis=1) / numerator_size
-  per_anchor = -mean_positive + _masked_logsumexp(logits, denominator)
-  return per_anchor, logits, positives, contrast
+    kept = _masked_sums(shared.exp, fn_masks, inside=False)
+    per_anchor = (-shared.positive_sum / num_positives +
+                  _log_kept(shared, kept, fn_masks))
+  return tf.reshape(per_anchor, [len(fn_masks), -1])
 
 
 def cancellation_terms(views, columns, num_views, temperature, fn_masks,
-                       strategy='attraction'):
+                       strategy='attraction', unit_rows=False):
   """The loss of one replica's anchors, averaged over masks, and metrics.
 
     loss = (1/M) Σ_m 2·mean over the V·b anchors of ℓ(F_m)
 
-  with ℓ(F) the per-anchor `cancellation_loss` and fn_masks = [F_1..F_M]
-  ([b, C] bool each; M = 1 for one mask). The ×2 is NT-Xent's
-  normalisation: with V = 2 and F = ∅ the loss is `nt_xent_loss`.
+  with ℓ(F) the per-anchor `cancellation_loss` and fn_masks [M, b, C] bool
+  (M = 1 for one mask), all from one `contrast_logits` (unit_rows as
+  there). The ×2 is NT-Xent's normalisation: with V = 2 and F = ∅ the loss
+  is `nt_xent_loss`.
 
   Returns:
     (loss, metrics): contrast_loss, and contrast_acc and contrast_entropy
     (`cancellation_metrics`, which do not depend on the masks).
   """
-  losses = []
-  for fn_mask in fn_masks:
-    per_anchor, logits, positives, contrast = cancellation_loss(
-        views, columns, num_views, temperature, fn_mask, strategy)
-    losses.append(2.0 * tf.reduce_mean(per_anchor))
-  loss = tf.add_n(losses) / len(losses)
+  shared = contrast_logits(views, columns, num_views, temperature, unit_rows)
+  loss = 2.0 * tf.reduce_mean(cancellation_loss(shared, fn_masks, strategy))
   return loss, {'contrast_loss': loss,
-                **cancellation_metrics(logits, positives, contrast)}
+                **cancellation_metrics(shared, columns, num_views)}
 
 
-def cancellation_metrics(logits, positives, contrast):
+def cancellation_metrics(shared, columns, num_views):
   """contrast_acc (the best column, self excluded, is another view of the
   anchor's image) and contrast_entropy (of the softmax over those columns).
   """
-  contrast_logits = tf.where(contrast, logits,
-                             tf.cast(-float('inf'), logits.dtype))
-  best = tf.argmax(contrast_logits, axis=1, output_type=tf.int32)
-  hits = tf.gather(positives, best, axis=1, batch_dims=1)
-  prob = tf.nn.softmax(contrast_logits)
+  best = tf.argmax(shared.logits, axis=-1, output_type=tf.int32)  # [V, b]
+  hits = tf.logical_and(best < num_views * columns.global_batch,
+                        tf.equal(best % columns.global_batch,
+                                 columns.index[tf.newaxis, :]))
+  prob = shared.exp / shared.total[:, :, tf.newaxis]
   entropy = -tf.reduce_mean(
       tf.reduce_sum(prob * tf.math.log(prob + 1e-8), axis=-1))
   return {'contrast_acc': tf.reduce_mean(tf.cast(hits, tf.float32)),

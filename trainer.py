@@ -94,6 +94,11 @@ class Trainer(orbit.StandardTrainer):
     Multi-worker runs pass False (workers could see a request at different
     steps); they stop between host loops instead.
 
+    A `tf_keras.mixed_precision.LossScaleOptimizer` (float16) gets the
+    scaled loss's gradients, unscaled; overflowing gradients are then its
+    business (it skips the step and halves the scale), so only the loss
+    terms count as non-finite.
+
     Build the trainer outside `strategy.scope()`: `stop_requested` must be
     a plain host variable, not a mirrored one.
     """
@@ -101,6 +106,11 @@ class Trainer(orbit.StandardTrainer):
     self.model = model
     self.momentum_encoder = momentum_encoder
     self.optimizer = optimizer
+    self.loss_scaled = isinstance(
+        optimizer, tf_keras.mixed_precision.LossScaleOptimizer)
+    # The loss terms are summed (and divided by the replicas) in the
+    # variables' dtype: float32, or float64 for a float64 model.
+    self.loss_dtype = tf.float64 if model.dtype == 'float64' else tf.float32
     self.objective = objective
     self.train_mode = train_mode
     self.optimizer_name = optimizer_name
@@ -226,7 +236,7 @@ class Trainer(orbit.StandardTrainer):
     terms = {}
     with tf.GradientTape() as tape:
       projections, logits = self.model(batch['image'], training=True)
-      loss = 0.0
+      loss = tf.constant(0.0, self.loss_dtype)
       scalars = {}
       if self.train_mode == 'pretrain':
         if keys is None:
@@ -234,32 +244,37 @@ class Trainer(orbit.StandardTrainer):
         else:
           contrast_loss, con_metrics = self.objective.loss(
               projections, batch, keys=keys)
+        contrast_loss = tf.cast(contrast_loss, self.loss_dtype)
         loss += contrast_loss
         scalars.update(con_metrics)
         terms['contrast_loss'] = contrast_loss
       if logits is not None:
         num_views = tf.shape(logits)[0] // tf.shape(batch['label'])[0]
         labels = tf.tile(batch['label'], [num_views])
-        sup_loss = tf.reduce_mean(
+        sup_loss = tf.cast(tf.reduce_mean(
             tf.nn.sparse_softmax_cross_entropy_with_logits(
-                labels=labels, logits=logits))
+                labels=labels, logits=logits)), self.loss_dtype)
         loss += sup_loss
         scalars['supervised_loss'] = sup_loss
         scalars['supervised_acc'] = tf.reduce_mean(tf.cast(
             tf.equal(tf.argmax(logits, -1, output_type=tf.int32), labels),
             tf.float32))
         terms['supervised_loss'] = sup_loss
-      wd_loss = lars_optimizer.weight_decay_loss(
+      wd_loss = tf.cast(lars_optimizer.weight_decay_loss(
           self.model.trainable_variables, self.optimizer_name,
-          self.weight_decay)
+          self.weight_decay), self.loss_dtype)
       loss += wd_loss
       scalars['weight_decay'] = wd_loss
       scalars['loss'] = loss
       terms['weight_decay'] = wd_loss
       terms['loss'] = loss
       scaled_loss = loss / num_replicas
+      if self.loss_scaled:
+        scaled_loss = self.optimizer.get_scaled_loss(scaled_loss)
     variables = self.model.trainable_variables
     grads = tape.gradient(scaled_loss, variables)
+    if self.loss_scaled:
+      grads = self.optimizer.get_unscaled_gradients(grads)
     nonfinite = self._agreed_nonfinite(terms, grads)
     ok = tf.logical_not(tf.reduce_any(nonfinite))
     grads_and_vars = [(g, v) for g, v in zip(grads, variables)
@@ -284,7 +299,8 @@ class Trainer(orbit.StandardTrainer):
     local = []
     for name in NONFINITE_TERMS:
       if name == 'gradients':
-        finite = _all_finite(grads)
+        finite = (tf.constant(True) if self.loss_scaled
+                  else _all_finite(grads))
       else:  # a term this step does not have counts as finite
         finite = _all_finite([terms.get(name)])
       local.append(tf.logical_not(finite))

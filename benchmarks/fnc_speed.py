@@ -29,9 +29,7 @@ Prints a table and writes benchmarks/results/fnc_speed.json.
 """
 
 import argparse
-import json
 import os
-import platform
 import sys
 import time
 
@@ -48,6 +46,7 @@ import fnc  # noqa: E402
 import lars_optimizer  # noqa: E402
 import model as model_lib  # noqa: E402
 import objective as obj_lib  # noqa: E402
+import timing  # noqa: E402
 from timing import alternate  # noqa: E402
 
 RESULTS = os.path.join(REPO, 'benchmarks', 'results', 'fnc_speed.json')
@@ -205,11 +204,7 @@ def main():
                                       median['views'] - 1,
           'memory_rest_over_keys': median['fnc_memory'] / median['keys'] - 1,
       },
-      'environment': {
-          'tensorflow': tf.__version__, 'python': platform.python_version(),
-          'cpu_count': os.cpu_count(), 'load_average_1min': os.getloadavg()[0],
-          'runtime_s': time.time() - started,
-      },
+      'environment': timing.environment(started),
   }
   print(result['setup'])
   print(f'{"variant":<16}{"ms/step":>10}{"x SimCLR":>10}')
@@ -231,11 +226,7 @@ def main():
         f'{100 * rest["memory_rest_over_keys_step"]:.1f} % of the keys step')
   print('loss + grad alone (ms): ' + ', '.join(
       f'{k} {1e3 * v:.2f}' for k, v in part_median.items()))
-  os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
-  with open(RESULTS, 'w') as f:
-    json.dump(result, f, indent=2)
-  print(f'wrote {os.path.relpath(RESULTS, REPO)} '
-        f'({result["environment"]["runtime_s"]:.0f} s)')
+  timing.write_results(RESULTS, result, REPO)
 
 
 if __name__ == '__main__':

@@ -19,9 +19,7 @@ benchmarks/results/sogclr_speed.json.
 """
 
 import argparse
-import json
 import os
-import platform
 import sys
 import time
 
@@ -37,6 +35,7 @@ import lars_optimizer  # noqa: E402
 import model as model_lib  # noqa: E402
 import objective as obj_lib  # noqa: E402
 import sogcl  # noqa: E402
+import timing  # noqa: E402
 from timing import alternate, cycling  # noqa: E402
 
 IMAGENET_TRAIN_EXAMPLES = 1_281_167
@@ -158,11 +157,7 @@ def main():
           'MB_for_8_replicas': 8 * u_bytes / 1e6,
           'MB_added_to_each_checkpoint': u_bytes / 1e6,
       },
-      'environment': {
-          'tensorflow': tf.__version__, 'python': platform.python_version(),
-          'cpu_count': os.cpu_count(), 'load_average_1min': os.getloadavg()[0],
-          'runtime_s': time.time() - started,
-      },
+      'environment': timing.environment(started),
   }
 
   print(f'{"measurement":<44}{"SimCLR ms":>11}{"SogCLR ms":>11}'
@@ -179,11 +174,7 @@ def main():
         f' MiB) per replica, {memory["MB_for_8_replicas"]:.1f} MB on 8 '
         f'replicas, +{memory["MB_added_to_each_checkpoint"]:.2f} MB per '
         'checkpoint')
-  os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
-  with open(RESULTS, 'w') as f:
-    json.dump(result, f, indent=2)
-  print(f'wrote {os.path.relpath(RESULTS, REPO)} '
-        f'({result["environment"]["runtime_s"]:.0f} s)')
+  timing.write_results(RESULTS, result, REPO)
 
 
 if __name__ == '__main__':

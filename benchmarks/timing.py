@@ -1,10 +1,32 @@
-"""Alternated timing shared by the speed benchmarks."""
+"""Alternated timing and the result file shared by the speed benchmarks."""
 
 import itertools
+import json
+import os
+import platform
 import statistics
 import time
 
 import tensorflow as tf
+
+
+def environment(started):
+  """The facts every result file records: versions, cores, load, run time
+  since `started` (time.time())."""
+  return {'tensorflow': tf.__version__, 'python': platform.python_version(),
+          'cpu_count': os.cpu_count(),
+          'load_average_1min': os.getloadavg()[0],
+          'runtime_s': time.time() - started}
+
+
+def write_results(path, result, repo):
+  """Writes `result` as JSON to `path` and says so (path relative to
+  `repo`, with the run time of result['environment'])."""
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path, 'w') as f:
+    json.dump(result, f, indent=2)
+  print(f'wrote {os.path.relpath(path, repo)} '
+        f'({result["environment"]["runtime_s"]:.0f} s)')
 
 
 def alternate(fns, rounds, steps):

@@ -8,6 +8,7 @@ import os
 import numpy as np
 import pytest
 import tensorflow as tf
+import tf_keras
 
 import config as config_lib
 import experiment as experiment_lib
@@ -218,3 +219,117 @@ def test_run_dispatches_a_config_without_flags(tmp_path):
   with open(tmp_path / 'flags.json') as f:
     written = f.read()
   assert '"topk": 2' in written  # the config itself, no flags were parsed
+
+
+# ------------------------------------------------------- precision
+
+# bfloat16 keeps 8 significant bits: at the seed-0 weights the tiny
+# ResNet's projections are ~4 % (of their scale) away from float32's, so
+# the first loss differs by ~3 % (SimCLR, SogCLR); FNC's top-k candidates
+# and IFND's k-means clusters are picked from those projections and can
+# change, which moved their first loss by up to 14 % here.
+BF16_RTOL = {'simclr': 0.06, 'sogclr': 0.06, 'fnc': 0.25, 'ifnd': 0.25}
+PRECISION_OBJECTIVES = {
+    'simclr': config_lib.SimCLRConfig(),
+    'sogclr': config_lib.SogCLRConfig(gamma=0.9),
+    'fnc': config_lib.FNCConfig(support_size=1, memory_multiplier=3, topk=2),
+    'ifnd': config_lib.IFNDConfig(num_clusters=(5,), memory_multiplier=2,
+                                  acceptance_schedule='constant',
+                                  constant_rate=0.5),
+}
+
+
+def _train(model_dir, objective, precision, steps=2, learning_rate=0.01):
+  """(per-step training losses, the experiment, dtypes of the projections
+  the objective received, initial weights) of `steps` steps from the
+  seed-0 weights."""
+  tf_keras.utils.set_random_seed(0)
+  cfg = tiny(model_dir, objective_name=objective, seed=0,
+             objective=PRECISION_OBJECTIVES[objective],
+             data={'use_randaugment': False},
+             model={'precision': precision},
+             schedule={'train_steps': steps, 'steps_per_loop': 1,
+                       'learning_rate': learning_rate},
+             checkpoint={'checkpoint_steps': steps})
+  experiment = experiment_lib.Experiment(cfg, tf.distribute.get_strategy())
+  received = set()
+  loss_fn = experiment.objective.loss
+
+  def spy(projections, batch, **kwargs):
+    received.add(projections.dtype)
+    return loss_fn(projections, batch, **kwargs)
+
+  experiment.objective.loss = spy
+  outputs = []
+  standard_actions = experiment.train_actions
+  experiment.train_actions = lambda: standard_actions() + [outputs.append]
+  controller = experiment.controller(True, False)
+  experiment.checkpoint_manager.restore_or_initialize()
+  initial = [v.numpy() for v in experiment.model.trainable_variables]
+  controller.train(steps)
+  return ([float(o['train/loss']) for o in outputs], experiment, received,
+          initial)
+
+
+def _float_variables(experiment):
+  variables = list(experiment.model.variables) + list(
+      experiment.optimizer.variables())
+  if experiment.momentum_encoder is not None:
+    variables += experiment.momentum_encoder.variables
+  variables += list(experiment.objective.variables)
+  return [v for v in variables if v.dtype.is_floating]
+
+
+@pytest.mark.parametrize('objective', sorted(PRECISION_OBJECTIVES))
+def test_bfloat16_losses_match_float32_and_state_stays_float32(tmp_path,
+                                                               objective):
+  """Two steps in bfloat16 (mixed) against float32 from the same weights:
+  the losses agree to BF16_RTOL; the convolutions ran in bfloat16, the
+  objective got float32 projections, and every variable (weights, BN
+  statistics, optimizer slots, momentum encoder, u / queue / pseudo
+  labels) is float32."""
+  reference = _train(tmp_path / 'f32', objective, 'float32')[0]
+  losses, experiment, received, _ = _train(tmp_path / 'bf16', objective,
+                                           'bfloat16')
+  np.testing.assert_allclose(losses, reference, rtol=BF16_RTOL[objective])
+  assert experiment.model.base_model.stem.compute_dtype == 'bfloat16'
+  assert received == {tf.float32}
+  assert {v.dtype for v in _float_variables(experiment)} == {tf.float32}
+
+
+def test_float16_trains_with_dynamic_loss_scaling(tmp_path):
+  """float16: Keras' LossScaleOptimizer (initial scale 2^15). Its first
+  steps overflow in the backward pass and are skipped with the scale
+  halved (5 of them here) until the scaled gradients fit float16; then the
+  steps apply. Eight steps at lr 0.1: finite losses, no stop, weights
+  changed, a finite scale in [1, 2^15)."""
+  losses, experiment, received, initial = _train(
+      tmp_path, 'simclr', 'float16', steps=8, learning_rate=0.1)
+  optimizer = experiment.optimizer
+  assert isinstance(optimizer, tf_keras.mixed_precision.LossScaleOptimizer)
+  assert len(losses) == 8 and np.isfinite(losses).all()
+  assert int(experiment.global_step.numpy()) == 8
+  assert 1 <= float(optimizer.loss_scale.numpy()) < 2**15
+  assert received == {tf.float32}
+  after = experiment.model.trainable_variables
+  assert any(not np.array_equal(a.numpy(), b) for a, b in zip(after, initial))
+  assert experiment.model.base_model.stem.compute_dtype == 'float16'
+  assert {v.dtype for v in _float_variables(experiment)} == {tf.float32}
+
+
+def test_resume_in_another_precision_of_the_same_variables(tmp_path):
+  """float32 → float16 → bfloat16 resumes of one model_dir: the checkpoint
+  keys of the model and optimizer do not depend on the precision; float16
+  adds its loss scale, which the other precisions do not need."""
+  for steps, precision in enumerate(['float32', 'float16', 'bfloat16'], 1):
+    tf_keras.utils.set_random_seed(0)
+    cfg = tiny(tmp_path, seed=0, model={'precision': precision},
+               schedule={'train_steps': steps, 'steps_per_loop': 1},
+               checkpoint={'checkpoint_steps': 1})
+    experiment = experiment_lib.Experiment(cfg, tf.distribute.get_strategy())
+    controller = experiment.controller(True, False)
+    assert int(experiment.global_step.numpy()) == steps - 1
+    controller.train(steps)
+    keys = tf.train.list_variables(tf.train.latest_checkpoint(tmp_path))
+    scale = [name for name, _ in keys if name.startswith('loss_scale/')]
+    assert bool(scale) == (precision == 'float16'), (precision, scale)

@@ -4,6 +4,7 @@ equivalence, the objective's loss and queue, the table, re-assignment
 (with a re-assignment inside the run). The clustering itself is tested in
 test_clustering.py."""
 
+import collections
 import contextlib
 import io
 import json
@@ -186,6 +187,129 @@ def test_empty_table_is_the_memory_queue_loss():
                              queue_ids=tf.constant(queue_ids), **memory)[0],
       lambda: fnc.fnc_loss(views, 2, TAU, fn_topk=0, fn_threshold=2.0,
                            **memory)[0])
+
+
+# ---------------------------------------------------------------------------
+# Every level from one set of logits.
+# ---------------------------------------------------------------------------
+
+
+def _numeric_gradient(fn, x, step=1e-6):
+  """Central differences of the scalar fn at x."""
+  grad = np.zeros_like(x)
+  for index in np.ndindex(*x.shape):
+    delta = np.zeros_like(x)
+    delta[index] = step
+    grad[index] = (fn(x + delta) - fn(x - delta)) / (2 * step)
+  return grad
+
+
+@pytest.mark.parametrize('strategy', ifnd.STRATEGIES)
+@pytest.mark.parametrize('combine', ifnd.LEVEL_COMBINES)
+def test_levels_from_shared_logits_match_numpy_with_gradients(strategy,
+                                                              combine):
+  """Three levels against one `objective.contrast_logits`: each level's row
+  of `cancellation_loss` and the combined loss, value and gradient w.r.t.
+  raw projections (normalised in the graph), against the NumPy loss and its
+  central differences."""
+  n, d = 6, 4
+  rng = np.random.default_rng(60)
+  projections = _views(60, n, d) * rng.uniform(0.5, 2.0, size=(2 * n, 1))
+  ids = np.array([4, 9, 1, 0, 7, 3])
+  table = _table(62, 10, num_levels=3)
+  column_ids = np.tile(ids, 2)
+  masks = numpy_mask(ids, column_ids, table)
+  assert masks.any(axis=(1, 2)).all()  # every level has false negatives
+  assert len({m.tobytes() for m in masks}) == 3  # and its own
+
+  def numpy_loss(raw, levels):
+    views = _unit(raw)
+    return numpy_ifnd(views, views, column_ids, np.ones(2 * n, bool), ids,
+                      table[:, levels], strategy, combine)
+
+  labels = tf.constant(table)
+  variable = tf.Variable(projections)
+  values = []                                  # (levels, unit_rows, loss)
+  with tf.GradientTape(persistent=True) as tape:
+    views = tf.math.l2_normalize(variable, -1)
+    columns = obj_lib.contrast_columns(views, 2)
+    masks = ifnd.pseudo_label_mask(ids, column_ids, labels)
+    for unit_rows in (False, True):  # unit rows: no underflow check
+      shared = obj_lib.contrast_logits(views, columns, 2, TAU, unit_rows)
+      assert shared.bounded == unit_rows
+      per_level = 2.0 * tf.reduce_mean(
+          obj_lib.cancellation_loss(shared, masks, strategy), axis=1)
+      values += [((level,), unit_rows, per_level[level])
+                 for level in range(3)]
+      values.append(((0, 1, 2), unit_rows, ifnd.ifnd_column_terms(
+          views, columns, ids, column_ids, labels, TAU, strategy, combine,
+          unit_rows=unit_rows).loss))
+  numeric = {levels: _numeric_gradient(
+      lambda x, l=list(levels): numpy_loss(x, l), projections)
+             for levels, _, _ in values}
+  for levels, unit_rows, value in values:
+    np.testing.assert_allclose(value.numpy(),
+                               numpy_loss(projections, list(levels)),
+                               rtol=1e-10)
+    np.testing.assert_allclose(tape.gradient(value, variable).numpy(),
+                               numeric[levels], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize('strategy', ifnd.STRATEGIES)
+@pytest.mark.parametrize('unit_rows', [False, True])
+def test_one_matmul_and_one_exp_whatever_the_number_of_levels(strategy,
+                                                              unit_rows):
+  """Loss and gradient trace the same matmuls and exps with 1 or 3 levels
+  (the logits are shared), and no one-hot (the masks are boolean)."""
+  def op_counts(num_levels):
+    table = tf.constant(_table(70, 10, num_levels=num_levels))
+    ids = tf.range(6)
+
+    @tf.function
+    def loss_and_gradient(views):
+      with tf.GradientTape() as tape:
+        tape.watch(views)
+        loss = ifnd.ifnd_column_terms(
+            views, obj_lib.contrast_columns(views, 2), ids,
+            obj_lib.values_per_column(ids, 2), table, TAU, strategy,
+            unit_rows=unit_rows).loss
+      return tape.gradient(loss, views)
+    graph = loss_and_gradient.get_concrete_function(
+        tf.TensorSpec([12, 4], tf.float32)).graph
+    return collections.Counter(op.type for op in graph.get_operations())
+
+  one, three = op_counts(1), op_counts(3)
+  assert one['MatMul'] == 3  # the logits, and their gradient to both sides
+  for kind in ('MatMul', 'BatchMatMulV2', 'Einsum', 'Exp', 'Softmax'):
+    assert three[kind] == one[kind], kind
+  assert not one['OneHot'] and not three['OneHot']
+
+
+def test_eliminating_a_far_larger_column_stays_exact():
+  """τ = 0.005 in float32: image 1 (a false negative of image 0) sits 120
+  logits above every column image 0's first view keeps, so the kept exps
+  underflow against the shared row max; those rows are redone exactly,
+  also through the objective (unit rows, but 2/τ is beyond float32)."""
+  assert np.exp(np.float32(-120.0)) == 0.0
+  e = np.eye(3)
+  first, second = e[0], 0.4 * e[0] + np.sqrt(1 - 0.16) * e[1]
+  views = np.stack([first, e[0], e[2], second, e[0], e[2]])
+  table = np.array([[0], [0], [1]], np.int32)
+  tau = 0.005
+  expected = numpy_ifnd(views, views, np.tile([0, 1, 2], 2),
+                        np.ones(6, bool), [0, 1, 2], table, 'elimination',
+                        'mean', tau=tau)
+  objective = ifnd.IFND(temperature=tau, num_clusters=(2,))
+  objective.build(3, 3, projection_dim=3)
+  objective.table.assign(table, 0, 1.0)
+  variable = tf.Variable(views.astype(np.float32))
+  for loss_fn in (
+      lambda: ifnd.ifnd_loss(variable, [0, 1, 2], tf.constant(table), tau),
+      lambda: objective.loss(variable, {'id': tf.range(3)})):
+    with tf.GradientTape() as tape:
+      loss, _ = loss_fn()
+    np.testing.assert_allclose(loss.numpy(), expected, rtol=1e-5, atol=1e-4)
+    assert np.isfinite(tape.gradient(loss, variable).numpy()).all()
 
 
 def test_two_replicas_equal_one_replica(two_replicas):

@@ -394,3 +394,32 @@ def test_momentum_encoder_mismatch_is_a_clear_error():
   encoder(_images(views=2), training=False)
   with pytest.raises(ValueError, match='does not match the model'):
     encoder.copy_from(model)
+
+
+@pytest.mark.parametrize('precision, compute, variables', [
+    ('float32', 'float32', 'float32'), ('bfloat16', 'bfloat16', 'float32'),
+    ('float16', 'float16', 'float32'), ('float64', 'float64', 'float64')])
+def test_precision_sets_every_layer_and_casts_the_outputs(precision, compute,
+                                                          variables):
+  """Every layer (also those built lazily: the heads' Dense, SE) computes
+  in `compute`; variables and the outputs (projections, logits, momentum
+  encoder keys, named outputs) are in `variables`; the global policy is
+  left as it was."""
+  net = model_lib.Model(10, resnet_depth=18, width_multiplier=0.125,
+                        cifar_stem=True, se_ratio=0.25, proj_out_dim=8,
+                        precision=precision)
+  images = tf.random.uniform([2, 16, 16, 6])
+  outputs = list(net(images, training=True))
+  keys = net.make_momentum_encoder()
+  outputs.append(keys(images, training=True))
+  outputs += list(net.outputs_dict(images[..., :3]).values())
+  assert tf_keras.mixed_precision.global_policy().name == 'float32'
+  layers = [layer for root in (net, keys) for layer in root._flatten_layers()]
+  assert {layer.compute_dtype for layer in layers} == {compute}
+  assert {v.dtype.name for v in net.variables + keys.variables} == {variables}
+  assert {o.dtype.name for o in outputs} == {variables}
+
+
+def test_unknown_precision_is_refused():
+  with pytest.raises(ValueError, match="Unknown precision 'int8'"):
+    model_lib.Model(10, resnet_depth=18, precision='int8')

@@ -1,5 +1,6 @@
 """Tests for resnet.py: architecture (exact parameter counts), stems, SK/SE,
-freezing for fine-tuning, and synchronized (global) batch norm."""
+freezing for fine-tuning, synchronized (global) batch norm, and the fused
+batch norm taken where nothing is synchronised."""
 
 import numpy as np
 import pytest
@@ -423,6 +424,8 @@ def test_variable_names_stable_and_readable():
 
 
 def _distributed_bn_stats(global_bn, weights, x):
+  """Moving statistics, output and BN implementations of one training call
+  on 2 replicas, each given half of `x`."""
   strategy = two_replica_strategy()
   per_replica = x.shape[0] // 2
   with strategy.scope():
@@ -439,7 +442,7 @@ def _distributed_bn_stats(global_bn, weights, x):
   out = tf.concat(strategy.experimental_local_results(out), 0).numpy()
   stats = {v.name: tf.convert_to_tensor(v).numpy()
            for v in model.non_trainable_variables}
-  return stats, out
+  return stats, out, _implementations(model)
 
 
 def test_global_bn_matches_single_replica_on_global_batch():
@@ -450,20 +453,185 @@ def test_global_bn_matches_single_replica_on_global_batch():
   x[2:] = x[2:] * 3.0 + 1.0
   x = tf.constant(x)
 
+  # One replica: nothing to synchronise, so the fused kernel.
   reference = build(18, 0.25, cifar_stem=True, global_bn=True)
   weights = reference.get_weights()
   ref_out = reference(x, training=True).numpy()
+  assert _implementations(reference) == {'fused'}
   ref_stats = {v.name: v.numpy() for v in reference.non_trainable_variables}
   assert any(np.any(v != 0) for k, v in ref_stats.items() if 'mean' in k)
 
-  stats, out = _distributed_bn_stats(True, weights, x)
+  stats, out, implementations = _distributed_bn_stats(True, weights, x)
+  assert implementations == {'synchronized'}
   assert stats.keys() == ref_stats.keys()
   for name, value in ref_stats.items():
     np.testing.assert_allclose(stats[name], value, atol=1e-5, err_msg=name)
   np.testing.assert_allclose(out, ref_out, atol=1e-4)
 
   # Control: per-replica BN does not reproduce the global statistics.
-  local_stats, _ = _distributed_bn_stats(False, weights, x)
+  local_stats, _, implementations = _distributed_bn_stats(False, weights, x)
+  assert implementations == {'fused'}
   worst = max(np.max(np.abs(local_stats[n] - ref_stats[n]))
               for n in ref_stats if 'variance' in n)
   assert worst > 1e-2
+
+
+# ------------------------------------------------------- fused batch norm
+#
+# Where nothing is synchronised, BatchNormRelu runs FusedBatchNormV3 on the
+# variables of the non-fused layer; fused_bn=False is the non-fused layer.
+
+
+def _implementations(model):
+  return {l.implementation for l in bn_layers(model)}
+
+
+def _set_bn_weights(model, rng):
+  """γ, β and moving statistics away from their initial 1, 0, 0, 1."""
+  for layer in bn_layers(model):
+    channels = layer.moving_mean.shape
+    layer.gamma.assign(rng.uniform(0.5, 1.5, channels))
+    layer.beta.assign(rng.normal(0, 0.1, channels))
+    layer.moving_mean.assign(rng.normal(0, 0.5, channels))
+    layer.moving_variance.assign(rng.uniform(0.5, 2, channels))
+
+
+def _output_and_gradients(model, x, training, variables):
+  """[output, d loss/d x, d loss/d variables...] as numpy, for a loss that
+  weights the output by a fixed pattern (the plain sum of a training-mode BN
+  output has zero gradient)."""
+  with tf.GradientTape() as tape:
+    tape.watch(x)
+    y = model(x, training=training)
+    pattern = tf.sin(tf.reshape(tf.range(tf.size(y), dtype=y.dtype),
+                                y.shape))
+    loss = tf.reduce_sum(y * pattern)
+  return [t.numpy() for t in [y] + tape.gradient(loss, [x] + variables)]
+
+
+def _assert_close(actual, expected, tolerance, what):
+  """max |actual − expected| <= tolerance · max |expected|, per array."""
+  for i, (a, e) in enumerate(zip(actual, expected)):
+    scale = max(float(np.max(np.abs(e))), 1e-6)
+    error = float(np.max(np.abs(a - e)))
+    assert error <= tolerance * scale, (what, i, error, scale)
+
+
+@pytest.mark.parametrize('global_bn', [True, False])
+def test_fused_batch_norm_relu_matches_non_fused(global_bn):
+  rng = np.random.default_rng(3)
+  shape = [4, 3, 3, 6]
+  layers = [resnet.BatchNormRelu(batch_norm_decay=0.8, global_bn=global_bn,
+                                 fused_bn=fused) for fused in (True, False)]
+  for layer in layers:
+    layer(tf.zeros(shape), training=False)
+  weights = [rng.uniform(0.5, 1.5, 6), rng.normal(size=6),
+             rng.normal(size=6), rng.uniform(0.5, 2, 6)]
+  for layer in layers:
+    layer.set_weights(weights)
+  for _ in range(3):  # moving statistics after three updates
+    x = tf.constant(rng.normal(1, 2, shape), tf.float32)
+    for training in (True, False):
+      fused, plain = [
+          _output_and_gradients(l, x, training, [l.bn.gamma, l.bn.beta])
+          for l in layers]
+      _assert_close(fused, plain, 1e-5, f'training={training}')
+  assert layers[0].bn.implementation == 'fused'
+  assert type(layers[1].bn) is tf_keras.layers.BatchNormalization
+  _assert_close(layers[0].get_weights(), layers[1].get_weights(), 1e-6,
+                'moving statistics')
+
+
+def test_fused_moving_variance_is_the_biased_batch_variance():
+  # n = 2·2·1 = 4 values per channel: Keras's own fused layer would move
+  # towards the unbiased variance, 4/3 of the biased one.
+  x = tf.constant(np.random.default_rng(4).normal(size=[2, 2, 1, 3]),
+                  tf.float32)
+  layer = resnet.BatchNormRelu(global_bn=False, batch_norm_decay=0.5)
+  keras_fused = tf_keras.layers.BatchNormalization(momentum=0.5, fused=True)
+  layer(x, training=True)
+  keras_fused(x, training=True)
+  biased = x.numpy().var((0, 1, 2))
+  np.testing.assert_allclose(layer.bn.moving_variance.numpy(),
+                             0.5 + 0.5 * biased, rtol=1e-6)
+  np.testing.assert_allclose(keras_fused.moving_variance.numpy(),
+                             0.5 + 0.5 * biased * 4 / 3, rtol=1e-6)
+
+
+@pytest.mark.parametrize('global_bn', [True, False])
+def test_fused_resnet_matches_non_fused(global_bn, monkeypatch, tmp_path):
+  rng = np.random.default_rng(5)
+  fused = build(18, 0.125, cifar_stem=True, global_bn=global_bn)
+  plain = build(18, 0.125, cifar_stem=True, global_bn=global_bn,
+                fused_bn=False)
+  # One set of variables whichever path: same names, and a checkpoint of
+  # one restores into the other.
+  assert [v.name for v in fused.variables] == [v.name for v in plain.variables]
+  _set_bn_weights(fused, rng)
+  path = tf.train.Checkpoint(model=fused).write(str(tmp_path / 'ckpt'))
+  tf.train.Checkpoint(model=plain).read(path).assert_consumed()
+  for a, b in zip(fused.variables, plain.variables):
+    np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+  batches = [tf.constant(rng.uniform(size=[8, 32, 32, 3]), tf.float32)
+             for _ in range(3)]
+  for x in batches:
+    _assert_close([fused(x, training=True).numpy()],
+                  [plain(x, training=True).numpy()], 1e-4, 'train output')
+  assert _implementations(fused) == {'fused'}
+  _assert_close([v.numpy() for v in fused.non_trainable_variables],
+                [v.numpy() for v in plain.non_trainable_variables], 1e-4,
+                'moving statistics')
+  _assert_close([fused(batches[0], training=False).numpy()],
+                [plain(batches[0], training=False).numpy()], 1e-5,
+                'inference output')
+
+  # Gradients with a smooth activation: a pre-ReLU value within rounding of
+  # 0 (some in ~500k per step here) flips its ReLU in one of any two float
+  # implementations, even two non-fused ones, and changes single gradient
+  # entries by percents.
+  monkeypatch.setattr(tf.nn, 'relu', tf.nn.softplus)
+  for training in (True, False):
+    grads = [_output_and_gradients(m, batches[1], training,
+                                   m.trainable_variables)
+             for m in (fused, plain)]
+    _assert_close(*grads, 1e-4, f'gradients, training={training}')
+
+
+def test_fused_path_choice(two_replicas):
+  x = tf.random.normal([4, 2, 2, 3], seed=6)
+  layer = resnet.BatchNormRelu()
+  layer(x, training=True)
+  assert layer.bn.implementation == 'fused'
+  head = resnet.BatchNormRelu(relu=False)  # 2-D, as in the projection head
+  head(tf.random.normal([4, 3], seed=7), training=True)
+  assert head.bn.implementation == 'non_fused'
+  previous = tf_keras.mixed_precision.global_policy()
+  for policy, expected in (('float64', 'non_fused'),  # no float64 kernel
+                           ('mixed_float16', 'fused')):
+    tf_keras.mixed_precision.set_global_policy(policy)
+    try:
+      layer = resnet.BatchNormRelu()
+      layer(x, training=True)
+    finally:
+      tf_keras.mixed_precision.set_global_policy(previous)
+    assert layer.bn.implementation == expected, policy
+
+  with two_replicas.scope():
+    synced = resnet.BatchNormRelu(global_bn=True)
+    local = resnet.BatchNormRelu(global_bn=False)
+    for l in (synced, local):
+      l(x, training=False)
+
+  def implementation(l, inputs, training):
+    two_replicas.run(lambda: l(inputs, training=training))
+    return l.bn.implementation
+
+  assert implementation(synced, x, True) == 'synchronized'
+  assert implementation(synced, x, False) == 'fused'  # moving statistics
+  assert implementation(local, x, True) == 'fused'
+  # An empty (partial) batch leaves the moving statistics alone.
+  before = [tf.convert_to_tensor(v).numpy() for v in local.bn.weights]
+  implementation(local, tf.zeros([0, 2, 2, 3]), True)
+  for value, old in zip(local.bn.weights, before):
+    np.testing.assert_array_equal(tf.convert_to_tensor(value).numpy(), old)
