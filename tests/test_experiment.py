@@ -223,12 +223,10 @@ def test_run_dispatches_a_config_without_flags(tmp_path):
 
 # ------------------------------------------------------- precision
 
-# bfloat16 keeps 8 significant bits: at the seed-0 weights the tiny
-# ResNet's projections are ~4 % (of their scale) away from float32's, so
-# the first loss differs by ~3 % (SimCLR, SogCLR); FNC's top-k candidates
-# and IFND's k-means clusters are picked from those projections and can
-# change, which moved their first loss by up to 14 % here.
-BF16_RTOL = {'simclr': 0.06, 'sogclr': 0.06, 'fnc': 0.25, 'ifnd': 0.25}
+# bfloat16 keeps 8 significant bits. Measured here (two steps from the
+# same weights and batches): losses within 0.05-0.44 % of float32's (FNC
+# the most), although the projections differ by ~4 % of their scale.
+BF16_RTOL = 0.02
 PRECISION_OBJECTIVES = {
     'simclr': config_lib.SimCLRConfig(),
     'sogclr': config_lib.SogCLRConfig(gamma=0.9),
@@ -291,7 +289,7 @@ def test_bfloat16_losses_match_float32_and_state_stays_float32(tmp_path,
   reference = _train(tmp_path / 'f32', objective, 'float32')[0]
   losses, experiment, received, _ = _train(tmp_path / 'bf16', objective,
                                            'bfloat16')
-  np.testing.assert_allclose(losses, reference, rtol=BF16_RTOL[objective])
+  np.testing.assert_allclose(losses, reference, rtol=BF16_RTOL)
   assert experiment.model.base_model.stem.compute_dtype == 'bfloat16'
   assert received == {tf.float32}
   assert {v.dtype for v in _float_variables(experiment)} == {tf.float32}
