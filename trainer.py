@@ -109,8 +109,8 @@ class Trainer(orbit.StandardTrainer):
     self.loss_scaled = isinstance(
         optimizer, tf_keras.mixed_precision.LossScaleOptimizer)
     # The loss terms are summed (and divided by the replicas) in the
-    # variables' dtype: float32, or float64 for a float64 model.
-    self.loss_dtype = tf.float64 if model.dtype == 'float64' else tf.float32
+    # variables' dtype: float32 (also under the mixed policies), or float64.
+    self.loss_dtype = tf.as_dtype(model.dtype)
     self.objective = objective
     self.train_mode = train_mode
     self.optimizer_name = optimizer_name

@@ -239,8 +239,8 @@ PRECISION_OBJECTIVES = {
 
 def _train(model_dir, objective, precision, steps=2, learning_rate=0.01):
   """(per-step training losses, the experiment, dtypes of the projections
-  the objective received, initial weights) of `steps` steps from the
-  seed-0 weights."""
+  the objective received, initial weights, per-loop outputs) of `steps`
+  steps from the seed-0 weights."""
   tf_keras.utils.set_random_seed(0)
   cfg = tiny(model_dir, objective_name=objective, seed=0,
              objective=PRECISION_OBJECTIVES[objective],
@@ -264,9 +264,12 @@ def _train(model_dir, objective, precision, steps=2, learning_rate=0.01):
   controller = experiment.controller(True, False)
   experiment.checkpoint_manager.restore_or_initialize()
   initial = [v.numpy() for v in experiment.model.trainable_variables]
+  for action in reversed(experiment.actions):  # as Experiment.train: IFND
+    if hasattr(action, 'start'):               # clusters before step 1
+      action.start()
   controller.train(steps)
   return ([float(o['train/loss']) for o in outputs], experiment, received,
-          initial)
+          initial, outputs)
 
 
 def _float_variables(experiment):
@@ -287,9 +290,11 @@ def test_bfloat16_losses_match_float32_and_state_stays_float32(tmp_path,
   statistics, optimizer slots, momentum encoder, u / queue / pseudo
   labels) is float32."""
   reference = _train(tmp_path / 'f32', objective, 'float32')[0]
-  losses, experiment, received, _ = _train(tmp_path / 'bf16', objective,
-                                           'bfloat16')
+  losses, experiment, received, _, outputs = _train(
+      tmp_path / 'bf16', objective, 'bfloat16')
   np.testing.assert_allclose(losses, reference, rtol=BF16_RTOL)
+  if objective == 'ifnd':  # false negatives eliminated from step 1 on
+    assert float(outputs[0]['train/fn_per_anchor']) > 0
   assert experiment.model.base_model.stem.compute_dtype == 'bfloat16'
   assert received == {tf.float32}
   assert {v.dtype for v in _float_variables(experiment)} == {tf.float32}
@@ -301,7 +306,7 @@ def test_float16_trains_with_dynamic_loss_scaling(tmp_path):
   halved (5 of them here) until the scaled gradients fit float16; then the
   steps apply. Eight steps at lr 0.1: finite losses, no stop, weights
   changed, a finite scale in [1, 2^15)."""
-  losses, experiment, received, initial = _train(
+  losses, experiment, received, initial, _ = _train(
       tmp_path, 'simclr', 'float16', steps=8, learning_rate=0.1)
   optimizer = experiment.optimizer
   assert isinstance(optimizer, tf_keras.mixed_precision.LossScaleOptimizer)
