@@ -252,9 +252,26 @@ def define_flags(flag_values=FLAGS):
   DEFINE_string('distribution_strategy', None,
                 'Override the detected strategy: tpu, mirrored, '
                 'multi_worker_mirrored or one_device.')
+  DEFINE_bool('jit_compile', False, 'XLA-compile the whole training step '
+              '(forward, loss, gradients, optimizer update, metrics) on '
+              'CPU / GPU. One device only: refused at start-up with the '
+              'mirrored and multi_worker_mirrored strategies (their '
+              'replicas sync through merge_call). On TPU the step is '
+              'always compiled and this changes nothing.')
   DEFINE_bool('skip_corrupt_images', False,
               'Image folders: skip (and count) unreadable files instead '
               'of stopping with an error that names them.')
+  DEFINE_bool('blur_on_device', False, 'With --use_blur: the input '
+              'pipeline only draws each view\'s blur; the accelerator '
+              'blurs every view batch at the start of the step (as the '
+              'original SimCLR), the same views up to float rounding. '
+              'Moves work off a host-bound input pipeline.')
+  DEFINE_integer('input_threads', 0, 'Size of the private thread pool of '
+                 'the training input pipeline; 0 = TensorFlow\'s shared '
+                 'pool.')
+  DEFINE_float('input_ram_budget_gb', 0, 'RAM budget (GiB) of tf.data '
+               'autotuning for the training input; 0 = TensorFlow\'s '
+               'default.')
   DEFINE_integer('seed', None, 'Random seed for initialisation, the '
                  'example order and the augmentations (unset: drawn at '
                  'random and kept in the checkpoint).')
@@ -334,9 +351,12 @@ class DataConfig:
   skip_corrupt_images: bool = False
   color_jitter_strength: float = 1.0
   use_blur: bool = True
+  blur_on_device: bool = False
   crop_area_min: float = 0.08
   use_randaugment: Optional[bool] = None  # None: the objective's default
   seed: Optional[int] = None
+  input_threads: int = 0  # 0: TF's shared thread pool
+  input_ram_budget_gb: float = 0.0  # 0: TF's default autotune budget
 
 
 @dataclasses.dataclass(frozen=True)
@@ -409,6 +429,7 @@ class DistributionConfig:
   tpu_zone: Optional[str] = None
   gcp_project: Optional[str] = None
   master: Optional[str] = None
+  jit_compile: bool = False  # XLA-compile the train step (one replica)
 
 
 # Objective configs: the fields are the objective's constructor arguments.
@@ -752,6 +773,12 @@ def validate_flags(flag_values=FLAGS):
   if fv.skip_nonfinite_steps < 0:
     errors.append('--skip_nonfinite_steps must not be negative (0: a '
                   'non-finite loss stops the run).')
+  if fv.input_threads < 0:
+    errors.append('--input_threads must not be negative (0: TensorFlow\'s '
+                  'shared thread pool).')
+  if fv.input_ram_budget_gb < 0:
+    errors.append('--input_ram_budget_gb must not be negative (0: '
+                  'TensorFlow\'s default budget).')
   if fv.deterministic and fv.seed is None:
     errors.append('--deterministic needs --seed (e.g. --seed=0): the '
                   'seed fixes initialisation, example order and '
@@ -797,6 +824,14 @@ def validate_flags(flag_values=FLAGS):
     errors.append('--knn_temperature must be positive.')
   if fv.train_subset and not tf.io.gfile.exists(fv.train_subset):
     errors.append(f'--train_subset={fv.train_subset}: no such file.')
+  if fv.jit_compile and (fv.distribution_strategy or '').lower() in (
+      'mirrored', 'multi_worker_mirrored'):
+    errors.append(f'--jit_compile cannot compile the step of '
+                  f'--distribution_strategy={fv.distribution_strategy}: its '
+                  'replicas sync through merge_call, which TensorFlow cannot '
+                  'run inside an XLA-compiled function. Drop --jit_compile, '
+                  'or use --distribution_strategy=one_device (one GPU or the '
+                  'CPU).')
   if fv.use_tpu is False and fv.distribution_strategy == 'tpu':
     errors.append('--use_tpu=false contradicts --distribution_strategy=tpu.')
   if fv.use_tpu and fv.distribution_strategy not in (None, 'tpu'):

@@ -30,8 +30,12 @@ the `InputContext`). Its training input is a pure function of (seed, step),
 so a run resumes at any step with no replayed or skipped example: digits
 and folders are read by index (`DataSource.read_example`) from a stateless
 per-epoch permutation, TFDS from its record files (`record_files`).
-`eval_view` is the eval preprocessing, shared with the padded feature passes
-of features.py.
+No buffer of decoded images is held: random access shuffles ids, TFDS
+shuffles windows of serialized records (host memory ≈ window × the mean
+encoded record size) and decodes after the window. `train_view_fn` makes
+the views of one example for both the training input and `preview_batch`,
+which reads only the few examples it shows. `eval_view` is the
+eval preprocessing, shared with the padded feature passes of features.py.
 """
 import copy
 import logging
@@ -944,19 +948,93 @@ def _record_stream(source, split, order_key, input_context, rows,
   return tf.data.Dataset.range(start_epoch, _NO_END).flat_map(epoch_records)
 
 
+def train_view_fn(image_size, num_views=2, train_mode='pretrain',
+                  color_jitter_strength=1.0, use_blur=True,
+                  crop_area_min=0.08, randaugment=None, seed=None,
+                  blur_on_device=False):
+  """`views(example, epoch)`: the training views of one example, the one
+  view function of the training input and of `preview_batch`.
+
+  Returns {'image': float32 [H, W, 3V], 'label', 'id'}, view v keyed by
+  (seed, epoch, id, v). Pretrain: `num_views` colour-distorted crops
+  (`use_blur`, `randaugment` apply here); finetune: 1 crop + flip view;
+  both crop an area in [`crop_area_min`, 1] (FNC's fine-tuning uses 0.2).
+  `blur_on_device` (pretrain with `use_blur`): the views are not blurred;
+  each carries its drawn σ in 'blur_sigma' (float32 [V], 0 = not blurred)
+  and is left before its blur and final clip, for
+  `data_util.finish_views` to finish on the accelerator.
+  """
+  if train_mode not in ('pretrain', 'finetune'):
+    raise ValueError(f"train_mode must be 'pretrain' or 'finetune', got "
+                     f'{train_mode!r}.')
+  if train_mode == 'pretrain' and num_views < 1:
+    raise ValueError(f'num_views must be >= 1, got {num_views}.')
+  if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+    raise ValueError(f'Training input needs an int seed, got {seed!r}.')
+  pretrain = train_mode == 'pretrain'
+  num_views = num_views if pretrain else 1
+  defer_blur = pretrain and use_blur and blur_on_device
+
+  def augment(image, key):
+    if pretrain:
+      return data_util.preprocess_image(
+          image, image_size, image_size, is_training=True,
+          color_distort=True, color_jitter_strength=color_jitter_strength,
+          use_blur=use_blur, crop_area_min=crop_area_min,
+          randaugment=randaugment, defer_blur=defer_blur, seed=key)
+    return data_util.preprocess_image(
+        image, image_size, image_size, is_training=True, color_distort=False,
+        use_blur=False, crop_area_min=crop_area_min, seed=key)
+
+  def views(example, epoch):
+    """One traced augmentation run over the V view keys (tf.map_fn), not V
+    traced copies: with RandAugment, FNC's 10 copies took ~40 s to trace."""
+    key = _fold(tf.constant([seed, 0], tf.int64), _AUGMENT, epoch,
+                example['id'])
+    keys = tf.stack([_fold(key, v) for v in range(num_views)])
+    out = tf.map_fn(lambda k: augment(example['image'], k), keys,
+                    fn_output_signature=((tf.float32, tf.float32)
+                                         if defer_blur else tf.float32),
+                    parallel_iterations=num_views)
+    images = out[0] if defer_blur else out
+    result = {'image': tf.concat(tf.unstack(images, num=num_views), axis=-1),
+              'label': example['label'], 'id': example['id']}
+    if defer_blur:
+      result['blur_sigma'] = out[1]
+    return result
+  return views
+
+
+def _train_options(input_threads, input_ram_budget_gb):
+  """tf.data options of the training input: a private thread pool of
+  `input_threads` threads and an autotune RAM budget of
+  `input_ram_budget_gb` GiB (0: TF's shared pool / default budget; GiB
+  as Model Garden's `ram_budget`); and one thread per op, as TPU reference
+  input pipelines set it (parallelism comes from the parallel maps;
+  measured here: not slower on the CPU pipeline)."""
+  options = tf.data.Options()
+  options.threading.max_intra_op_parallelism = 1
+  if input_threads:
+    options.threading.private_threadpool_size = int(input_threads)
+  if input_ram_budget_gb:
+    options.autotune.ram_budget = int(input_ram_budget_gb * 2**30)
+  return options
+
+
 def build_input_fn(source, split, global_batch_size, is_training, image_size,
                    num_views=2, train_mode='pretrain',
                    color_jitter_strength=1.0, use_blur=True,
                    crop_area_min=0.08, randaugment=None, cache_dataset=False,
-                   shuffle_buffer=None, seed=None, start_step=0):
+                   shuffle_buffer=None, seed=None, start_step=0,
+                   blur_on_device=False, input_threads=0,
+                   input_ram_budget_gb=0):
   """Returns `input_fn(input_context=None) -> tf.data.Dataset` of batches.
 
   Batch: {'image': float32 [b, H, W, 3V], 'label': int32 [b], 'id': int32
-  [b]}, b = per-replica batch (global batch when no context). Views:
-  pretrain training -> `num_views` colour-distorted crops (`use_blur`,
-  `randaugment` apply here); finetune training -> 1 crop + flip view; both
-  crop an area in [`crop_area_min`, 1] (FNC's fine-tuning uses 0.2); eval ->
-  1 view, centre crop only if image_size > 32.
+  [b]}, b = per-replica batch (global batch when no context). Training
+  views: `train_view_fn` (its arguments; with `blur_on_device` the batch
+  also holds 'blur_sigma' [b, V] and the trainer finishes the views); eval
+  -> 1 view, centre crop only if image_size > 32.
 
   Training (endless, drop_remainder) is a pure function of (`seed`, step),
   `seed` a required int, and starts at the batch of step `start_step`:
@@ -971,49 +1049,23 @@ def build_input_fn(source, split, global_batch_size, is_training, image_size,
     one epoch of records.
   The views of example id i in epoch e use the keys (seed, e, i, v),
   v = 0..V-1, so they are the same however the example is reached (RandAugment
-  excepted: stateful, see data_util). `cache_dataset` and `shuffle_buffer`
-  (the TFDS shuffle window, default min(N, 50000)) concern only TFDS; the
-  training input does not cache: it reads by index or serialized records.
+  excepted: stateful, see data_util). Images are decoded after the example
+  order is drawn: the training input holds no buffer of decoded images
+  (random access shuffles ids; TFDS shuffles windows of `shuffle_buffer`
+  serialized records, default min(N, 50000), ≈ window × the mean encoded
+  record size of host memory, and decodes after). `cache_dataset` concerns
+  eval only. `input_threads`, `input_ram_budget_gb`: `_train_options`.
   Eval: one pass in id order, (cache), last partial batch kept.
   """
-  if train_mode not in ('pretrain', 'finetune'):
-    raise ValueError(f"train_mode must be 'pretrain' or 'finetune', got "
-                     f'{train_mode!r}.')
-  if is_training and train_mode == 'pretrain' and num_views < 1:
-    raise ValueError(f'num_views must be >= 1, got {num_views}.')
-  if is_training and (isinstance(seed, bool) or
-                      not isinstance(seed, (int, np.integer))):
-    raise ValueError(f'Training input needs an int seed, got {seed!r}.')
   if int(start_step) < 0:
     raise ValueError(f'start_step must be >= 0, got {start_step}.')
   num_examples = source.num_examples(split)
-  num_views = num_views if train_mode == 'pretrain' else 1
-
-  def augment(image, key):
-    if train_mode == 'pretrain':
-      return data_util.preprocess_image(
-          image, image_size, image_size, is_training=True,
-          color_distort=True, color_jitter_strength=color_jitter_strength,
-          use_blur=use_blur, crop_area_min=crop_area_min,
-          randaugment=randaugment, seed=key)
-    return data_util.preprocess_image(
-        image, image_size, image_size, is_training=True, color_distort=False,
-        use_blur=False, crop_area_min=crop_area_min, seed=key)
-
-  def train_views(example, epoch):
-    """The views of one example, keyed by (seed, epoch, id, view).
-
-    One traced augmentation run over the V view keys (tf.map_fn), not V
-    traced copies: with RandAugment, FNC's 10 copies took ~40 s to trace.
-    """
-    key = _fold(tf.constant([seed, 0], tf.int64), _AUGMENT, epoch,
-                example['id'])
-    keys = tf.stack([_fold(key, v) for v in range(num_views)])
-    views = tf.map_fn(lambda k: augment(example['image'], k), keys,
-                      fn_output_signature=tf.float32,
-                      parallel_iterations=num_views)
-    return {'image': tf.concat(tf.unstack(views, num=num_views), axis=-1),
-            'label': example['label'], 'id': example['id']}
+  if is_training:
+    train_views = train_view_fn(
+        image_size, num_views=num_views, train_mode=train_mode,
+        color_jitter_strength=color_jitter_strength, use_blur=use_blur,
+        crop_area_min=crop_area_min, randaugment=randaugment, seed=seed,
+        blur_on_device=blur_on_device)
 
   def train_input_fn(input_context):
     rows, first_row, batch_size = _pipeline_rows(global_batch_size,
@@ -1033,7 +1085,8 @@ def build_input_fn(source, split, global_batch_size, is_training, image_size,
           dict(source.decode_record(r['serialized']), id=r['id']),
           r['epoch']), num_parallel_calls=_AUTOTUNE)
     ds = ds.batch(batch_size, drop_remainder=True)
-    return ds.prefetch(_AUTOTUNE)
+    ds = ds.prefetch(_AUTOTUNE)
+    return ds.with_options(_train_options(input_threads, input_ram_budget_gb))
 
   def eval_input_fn(input_context):
     batch_size = (input_context.get_per_replica_batch_size(global_batch_size)
@@ -1052,3 +1105,35 @@ def build_input_fn(source, split, global_batch_size, is_training, image_size,
     return eval_input_fn(input_context)
 
   return input_fn
+
+
+def _preview_examples(source, split, num_examples):
+  """`num_examples` examples of `split`, reading only those: ids
+  k·N // num_examples for random access (spread over the split, so that a
+  class-sorted folder shows several classes), the first records in file
+  order for TFDS."""
+  if source.supports_random_access:
+    ids = np.arange(num_examples) * source.num_examples(split) // num_examples
+    return tf.data.Dataset.from_tensor_slices(ids).map(
+        lambda i: source.read_example(split, i))
+  paths, ids = source.record_files(split)
+  table = tf.constant(np.concatenate(ids).astype(np.int32))
+  ds = tf.data.TFRecordDataset(paths).enumerate()
+  ds = ds.map(lambda r, record: (tf.gather(table, r), record))
+  ds = ds.filter(lambda i, _: i >= 0).take(num_examples)
+  return ds.map(lambda i, record: dict(source.decode_record(record), id=i))
+
+
+def preview_batch(source, split, num_images, image_size, **view_args):
+  """The training views of `num_images` examples of `split`
+  (`_preview_examples`), as epoch 0 of training makes them (`train_view_fn`
+  with `view_args`) and finished as the accelerator finishes them
+  (`data_util.finish_views`): what the model sees, for pictures. Reads
+  only those examples, not a training pipeline (whose TFDS shuffle window
+  fills before its first batch)."""
+  views = train_view_fn(image_size, **view_args)
+  num_images = min(num_images, source.num_examples(split))
+  ds = _preview_examples(source, split, num_images)
+  ds = ds.map(lambda example: views(example, tf.constant(0, tf.int64)))
+  batch = next(iter(ds.batch(num_images)))
+  return data_util.finish_views(batch)

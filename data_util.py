@@ -29,8 +29,13 @@ Train view (SPEC §6, §7):
 
 Blur placement: SimCLR applies blur to each batch of views on the
 accelerator (``batch_random_blur`` in its model code). Here it is applied PER
-IMAGE inside the input pipeline, which is what the paper describes; the
-distribution of each view is the same (independent draw per view).
+IMAGE inside the input pipeline by default, which is what the paper
+describes; the distribution of each view is the same (independent draw per
+view). With ``defer_blur`` (``--blur_on_device``) the pipeline only draws
+each view's σ (`blur_sigma`, the same key and draw) and returns the view
+before its blur and final clip; `blur_views` then blurs and clips a whole
+batch of views in one depthwise convolution on the accelerator, giving the
+host path's views up to float rounding. Both paths use `gaussian_taps`.
 
 Inception-crop lower bound: SimCLR passes ``min_object_covered=0.1`` together
 with ``area_range=(0.08, 1)``; for a whole-image box this silently raises the
@@ -276,53 +281,112 @@ def crop_and_resize(image, height, width, area_range=(0.08, 1.0),
   return image
 
 
-def gaussian_blur(image, kernel_size, sigma, padding='SAME'):
-  """Separable depthwise Gaussian blur.
-
-  Kernel taps k(x) ∝ exp(-x² / (2σ²)) for x in [-r, r], r = kernel_size // 2
-  (so the kernel has 2r + 1 taps), normalised to sum 1; applied horizontally
-  then vertically to each channel. 'SAME' zero-pads (as SimCLR does).
-  """
+def gaussian_taps(kernel_size, sigma):
+  """float32 [..., 2r + 1] Gaussian taps, r = kernel_size // 2, one row per
+  element of `sigma` (any shape): k(x) ∝ exp(-x² / (2σ²)) for x in [-r, r],
+  normalised to sum 1; σ = 0 gives the identity (1 at the centre)."""
   radius = int(kernel_size / 2)
-  kernel_size = radius * 2 + 1
   x = tf.cast(tf.range(-radius, radius + 1), tf.float32)
-  sigma = tf.cast(sigma, tf.float32)
+  sigma = tf.cast(sigma, tf.float32)[..., tf.newaxis]
+  blurred = sigma > 0
+  sigma = tf.where(blurred, sigma, tf.ones_like(sigma))
   taps = tf.exp(-tf.square(x) / (2.0 * tf.square(sigma)))
-  taps /= tf.reduce_sum(taps)
+  taps /= tf.reduce_sum(taps, axis=-1, keepdims=True)
+  return tf.where(blurred, taps, tf.cast(tf.equal(x, 0), tf.float32))
+
+
+def _separable_blur(images, taps, padding):
+  """[n, H, W, C] images, channel c convolved with taps[c] ([C, k])
+  horizontally then vertically (one depthwise convolution each)."""
+  taps = tf.transpose(taps)  # [k, C]
+  blurred = tf.nn.depthwise_conv2d(images, taps[tf.newaxis, :, :, tf.newaxis],
+                                   strides=[1, 1, 1, 1], padding=padding)
+  return tf.nn.depthwise_conv2d(blurred, taps[:, tf.newaxis, :, tf.newaxis],
+                                strides=[1, 1, 1, 1], padding=padding)
+
+
+def gaussian_blur(image, kernel_size, sigma, padding='SAME'):
+  """Separable depthwise Gaussian blur of an HxWxC (or NxHxWxC) image with
+  the `gaussian_taps` of the scalar `sigma`, applied horizontally then
+  vertically to each channel. 'SAME' zero-pads (as SimCLR does)."""
+  taps = gaussian_taps(kernel_size, sigma)
   num_channels = tf.shape(image)[-1]
-  blur_v = tf.tile(tf.reshape(taps, [kernel_size, 1, 1, 1]),
-                   [1, 1, num_channels, 1])
-  blur_h = tf.tile(tf.reshape(taps, [1, kernel_size, 1, 1]),
-                   [1, 1, num_channels, 1])
+  taps = tf.tile(taps[tf.newaxis], [num_channels, 1])
   expand_batch_dim = image.shape.ndims == 3
   if expand_batch_dim:
     image = tf.expand_dims(image, axis=0)
-  blurred = tf.nn.depthwise_conv2d(image, blur_h, strides=[1, 1, 1, 1],
-                                   padding=padding)
-  blurred = tf.nn.depthwise_conv2d(blurred, blur_v, strides=[1, 1, 1, 1],
-                                   padding=padding)
+  blurred = _separable_blur(image, taps, padding)
   if expand_batch_dim:
     blurred = tf.squeeze(blurred, axis=0)
   return blurred
 
 
-def random_blur(image, height, width, p=0.5, *, seed):
-  """With prob p, Gaussian blur with σ ~ U(0.1, 2.0) and kernel height // 10."""
-  del width
+def blur_sigma(p=0.5, *, seed):
+  """The blur draw of a view: σ ~ U(0.1, 2.0) with probability p, else 0
+  (not blurred). The one draw of `random_blur` and of --blur_on_device."""
   keys = _split(seed, 2)
+  applies = tf.less(tf.random.stateless_uniform([], keys[0], dtype=tf.float32),
+                    tf.cast(p, tf.float32))
+  sigma = tf.random.stateless_uniform([], keys[1], 0.1, 2.0, dtype=tf.float32)
+  return tf.where(applies, sigma, 0.0)
 
-  def _transform(image):
-    sigma = tf.random.stateless_uniform([], keys[1], 0.1, 2.0,
-                                        dtype=tf.float32)
-    return gaussian_blur(image, kernel_size=height // 10, sigma=sigma,
-                         padding='SAME')
-  return random_apply(_transform, p=p, x=image, seed=keys[0])
+
+def random_blur(image, height, width, p=0.5, *, seed):
+  """With prob p, Gaussian blur with σ ~ U(0.1, 2.0) and kernel height // 10
+  (the σ of `blur_sigma`)."""
+  del width
+  sigma = blur_sigma(p, seed=seed)
+  return tf.cond(sigma > 0,
+                 lambda: gaussian_blur(image, kernel_size=height // 10,
+                                       sigma=sigma, padding='SAME'),
+                 lambda: image)
+
+
+def blur_views(images, sigmas):
+  """Finishes deferred-blur views (--blur_on_device): view v of image i of
+  `images` (float32 [b, H, W, 3V], channels 3v..3v+2) blurred with
+  sigmas[i, v] ([b, V]; 0 = not blurred), kernel H // 10 as `random_blur`,
+  then clipped to [0, 1], as `preprocess_for_train` would have.
+
+  All b·3V channels go through one separable depthwise convolution
+  ([1, H, W, b·3V], per-channel taps), so the cost does not grow with the
+  number of distinct σ.
+  """
+  images = tf.convert_to_tensor(images, tf.float32)
+  height = images.shape[1]
+  if height is None:
+    raise ValueError('blur_views needs a static image height (the kernel '
+                     'size is height // 10).')
+  shape = tf.shape(images)
+  channels = shape[0] * shape[3]
+  taps = tf.reshape(  # [b, 3V, k] -> one row per channel of `stacked`
+      gaussian_taps(height // 10, tf.repeat(sigmas, 3, axis=1)),
+      [channels, -1])
+  stacked = tf.reshape(tf.transpose(images, [1, 2, 0, 3]),
+                       [1, shape[1], shape[2], channels])
+  blurred = _separable_blur(stacked, taps, 'SAME')
+  blurred = tf.transpose(
+      tf.reshape(blurred, [shape[1], shape[2], shape[0], shape[3]]),
+      [2, 0, 1, 3])
+  return tf.clip_by_value(blurred, 0., 1.)
+
+
+def finish_views(batch):
+  """`batch` with its views finished: blurred by `blur_views` when it
+  carries 'blur_sigma' (--blur_on_device, which it then drops), else as
+  it is. Run on the accelerator at the start of each training step, and on
+  the host wherever views are shown."""
+  if 'blur_sigma' not in batch:
+    return batch
+  batch = dict(batch)
+  batch['image'] = blur_views(batch['image'], batch.pop('blur_sigma'))
+  return batch
 
 
 def preprocess_for_train(image, height, width, color_distort=True, crop=True,
                          flip=True, blur=False, color_jitter_strength=1.0,
                          crop_area_min=0.08, impl='simclrv2',
-                         randaugment=None, *, seed):
+                         randaugment=None, defer_blur=False, *, seed):
   """The training view of a float [0, 1] image keyed by `seed` ([2] int
   tensor; the same key gives the same view, see module docstring).
 
@@ -330,7 +394,9 @@ def preprocess_for_train(image, height, width, color_distort=True, crop=True,
   the area range [crop_area_min, 1]). `randaugment`
   (callable on uint8, or Model Garden RandAugment) runs after colour jitter
   and before grayscale; without colour distortion it runs after the flip.
-  Returns a float32 [height, width, 3] tensor in [0, 1].
+  Returns a float32 [height, width, 3] tensor in [0, 1]; with blur and
+  `defer_blur`, (the view before its blur and final clip, its
+  `blur_sigma`), which `blur_views` finishes.
   """
   crop_key, flip_key, color_key, blur_key = tf.unstack(_split(seed, 4))
   if crop:
@@ -346,6 +412,9 @@ def preprocess_for_train(image, height, width, color_distort=True, crop=True,
                                 seed=color_key)
   elif randaugment is not None:
     image = apply_randaugment(image, randaugment)
+  if blur and defer_blur:
+    return (tf.reshape(image, [height, width, 3]),
+            blur_sigma(p=0.5, seed=blur_key))
   if blur:
     image = random_blur(image, height, width, p=0.5, seed=blur_key)
   image = tf.reshape(image, [height, width, 3])
@@ -365,12 +434,13 @@ def preprocess_for_eval(image, height, width, crop=True):
 def preprocess_image(image, height, width, is_training=False,
                      color_distort=True, test_crop=True, *,
                      color_jitter_strength=1.0, use_blur=False,
-                     crop_area_min=0.08, randaugment=None, seed=None):
+                     crop_area_min=0.08, randaugment=None, seed=None,
+                     defer_blur=False):
   """Converts uint8 to float [0, 1] and dispatches to train or eval preprocessing.
 
   Training requires `seed`, the [2] key of the view (ValueError without);
   eval ignores it. test_crop=False skips the eval centre crop (used when
-  image_size <= 32).
+  image_size <= 32). `defer_blur`: see `preprocess_for_train`.
   """
   image = tf.image.convert_image_dtype(image, dtype=tf.float32)
   if is_training:
@@ -380,5 +450,6 @@ def preprocess_image(image, height, width, is_training=False,
     return preprocess_for_train(
         image, height, width, color_distort=color_distort,
         blur=use_blur, color_jitter_strength=color_jitter_strength,
-        crop_area_min=crop_area_min, randaugment=randaugment, seed=seed)
+        crop_area_min=crop_area_min, randaugment=randaugment,
+        defer_blur=defer_blur, seed=seed)
   return preprocess_for_eval(image, height, width, crop=test_crop)

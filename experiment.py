@@ -247,6 +247,11 @@ def check_replicas(cfg, strategy):
     if value % replicas:
       raise ConfigError(f'--{name}={value} is not divisible by the '
                         f'{replicas} replicas.')
+  if cfg.distribution.jit_compile:
+    try:
+      trainer_lib.check_jit_compile(strategy)
+    except ValueError as e:  # at start-up, before anything is written
+      raise ConfigError(str(e)) from None
 
 
 class Experiment:
@@ -474,18 +479,27 @@ class Experiment:
         2, 7, translate_const=max(1, round(100 * scale)),
         cutout_const=max(1, round(40 * scale)))
 
+  def view_args(self):
+    """The arguments of the training views (`data.train_view_fn`), shared
+    by the training input and the preview."""
+    data = self.config.data
+    return dict(image_size=data.image_size, num_views=self.num_views,
+                train_mode=self.config.train_mode,
+                color_jitter_strength=data.color_jitter_strength,
+                use_blur=data.use_blur, crop_area_min=data.crop_area_min,
+                seed=int(self.input_seed.numpy()),
+                randaugment=self.randaugment(),
+                blur_on_device=data.blur_on_device)
+
   def train_input_fn(self, batch_size, start_step=0):
     """Augmented training batches of train_split (`num_views` views),
     from the batch of step `start_step` on."""
     data = self.config.data
     return data_lib.build_input_fn(
         self.data.source, data.train_split, batch_size, is_training=True,
-        image_size=data.image_size, num_views=self.num_views,
-        train_mode=self.config.train_mode,
-        color_jitter_strength=data.color_jitter_strength,
-        use_blur=data.use_blur, cache_dataset=data.cache_dataset,
-        crop_area_min=data.crop_area_min, seed=int(self.input_seed.numpy()),
-        start_step=start_step, randaugment=self.randaugment())
+        cache_dataset=data.cache_dataset, start_step=start_step,
+        input_threads=data.input_threads,
+        input_ram_budget_gb=data.input_ram_budget_gb, **self.view_args())
 
   def pass_dataset_fn(self, split):
     """() -> one distributed pass over `split` (eval preprocessing, padded
@@ -495,9 +509,12 @@ class Experiment:
                                     data.eval_batch_size, data.image_size)
 
   def preview_batch(self):
-    """One batch of (at most 8) augmented training images."""
-    input_fn = self.train_input_fn(min(8, self.config.data.train_batch_size))
-    return next(iter(input_fn(None)))['image']
+    """The training views of (at most) 8 examples of train_split, as the
+    model sees them (`data.preview_batch`: reads only those examples)."""
+    data = self.config.data
+    return data_lib.preview_batch(
+        self.data.source, data.train_split, min(8, data.train_batch_size),
+        **self.view_args())['image']
 
   # --- Train actions and controller. ---
 
@@ -566,7 +583,8 @@ class Experiment:
           weight_decay=cfg.optimizer.weight_decay,
           momentum_encoder=self.momentum_encoder,
           skip_nonfinite=cfg.schedule.skip_nonfinite_steps > 0,
-          stop_within_loop=not self.multi_worker)
+          stop_within_loop=not self.multi_worker,
+          jit_compile=cfg.distribution.jit_compile)
       self.trainer = trainer
       train_actions = self.train_actions()
     self.actions = train_actions
@@ -630,6 +648,10 @@ class Experiment:
     try:
       controller.train(steps=self.steps.train_steps)
     except tf.errors.InvalidArgumentError as e:
+      uncompilable = (cfg.distribution.jit_compile and
+                      trainer_lib.uncompilable_step_message(e))
+      if uncompilable:  # at the first step, before any checkpoint
+        raise ConfigError(uncompilable) from e
       split = cfg.data.train_split
       unreadable = self.data.source.find_unreadable(split)
       if unreadable:

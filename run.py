@@ -31,7 +31,8 @@ FLAGS = config_lib.FLAGS
 
 def build_strategy(distribution):
   """The strategy of a `config.DistributionConfig`; detected when neither
-  --distribution_strategy nor --use_tpu is given."""
+  --distribution_strategy nor --use_tpu is given (one GPU with --jit_compile:
+  a one-device strategy, as MirroredStrategy cannot run a compiled step)."""
   name = distribution.strategy
   use_tpu = distribution.use_tpu
   tpu_address = (distribution.tpu_name or distribution.master or
@@ -42,7 +43,7 @@ def build_strategy(distribution):
       name = 'tpu'
     elif use_tpu is None and tf.config.list_physical_devices('TPU'):
       name, tpu_address = 'tpu', 'local'
-    elif num_gpus:
+    elif num_gpus > 1 or (num_gpus and not distribution.jit_compile):
       name = 'mirrored'
     else:
       name = 'one_device'

@@ -6,7 +6,9 @@ The trainer runs one optimisation step per batch on every replica:
 contrastive loss from the objective (pretraining), cross-entropy of the
 supervised head (linear eval while pretraining, or fine-tuning) and the
 explicit weight-decay term; the sum is divided by the number of replicas
-because gradients are summed across replicas (SPEC §4).
+because gradients are summed across replicas (SPEC §4). With `jit_compile`
+(--jit_compile) that whole replica step is one XLA computation; it needs
+a one-device (or the default) strategy (`check_jit_compile`).
 
 Fault tolerance (all checked on the device, no host sync per step):
 
@@ -29,6 +31,7 @@ import orbit
 import tensorflow as tf
 import tf_keras
 
+import data_util
 import lars_optimizer
 
 # The terms checked for NaN / inf, in report order: the objective's
@@ -69,13 +72,59 @@ def _all_finite(tensors):
   return tf.reduce_all(tf.stack(checks)) if checks else tf.constant(True)
 
 
+def is_tpu(strategy):
+  """Whether `strategy` runs on TPUs (its steps are always XLA-compiled)."""
+  return isinstance(strategy, tf.distribute.TPUStrategy)
+
+
+def check_jit_compile(strategy):
+  """ValueError unless `strategy` can run an XLA-compiled replica step.
+
+  MirroredStrategy and MultiWorkerMirroredStrategy run each replica's step
+  in a thread that syncs through `merge_call` (the optimizer's gradient
+  all-reduce; with several replicas also the objectives' all-gathers and
+  global BN), and TensorFlow cannot merge from inside a compiled function:
+  "merge_call called while defining a new graph", even with one replica.
+  The default and one-device strategies compile; TPUs compile anyway.
+  """
+  if is_tpu(strategy):
+    return
+  replicas = strategy.num_replicas_in_sync
+  if replicas > 1 or isinstance(strategy, (
+      tf.distribute.MirroredStrategy,
+      tf.distribute.MultiWorkerMirroredStrategy)):
+    raise ValueError(
+        f'--jit_compile cannot compile the step under '
+        f'{type(strategy).__name__} ({replicas} replica(s)): its replicas '
+        'sync (gradient all-reduce, all-gathers) through merge_call, which '
+        'TensorFlow cannot run inside an XLA-compiled function ("merge_call '
+        'called while defining a new graph"). Drop --jit_compile, or train '
+        'on one device, one GPU (e.g. CUDA_VISIBLE_DEVICES=0) or the CPU, '
+        'with --distribution_strategy=one_device or unset (detected).')
+
+
+def uncompilable_step_message(error):
+  """What to tell the user when the first compiled step raised `error`
+  (a tf.errors.OpError) because XLA cannot compile it; None for any other
+  error."""
+  lines = [line.strip() for line in str(error).splitlines()]
+  reason = next((line for line in lines
+                 if 'XLA' in line or 'compile-time constant' in line), None)
+  if reason is None:
+    return None
+  return ('--jit_compile: XLA cannot compile this training step (an op of '
+          'the model or objective has no XLA kernel, or a shape XLA cannot '
+          f'fix at compile time): {reason[:500]} Drop --jit_compile to '
+          'train uncompiled.')
+
+
 class Trainer(orbit.StandardTrainer):
   """Pretraining / fine-tuning step on a distributed dataset."""
 
   def __init__(self, strategy, model, optimizer, objective, train_dataset,
                train_mode='pretrain', optimizer_name='lars',
                weight_decay=0.0, momentum_encoder=None, skip_nonfinite=False,
-               stop_within_loop=True):
+               stop_within_loop=True, jit_compile=False):
     """`momentum_encoder` (a `model.MomentumEncoder`, pretraining only):
     its projections of each batch go to `objective.loss` as `keys`, and it
     is EMA-updated from the model after every optimizer step.
@@ -99,6 +148,12 @@ class Trainer(orbit.StandardTrainer):
     business (it skips the step and halves the scale), so only the loss
     terms count as non-finite.
 
+    `jit_compile`: each replica's whole step (`_step_fn`) runs as one XLA
+    computation, a `tf.function(jit_compile=True)` called from the replica
+    function. Needs a one-device (or the default) strategy
+    (`check_jit_compile`); a TPU step is compiled anyway, so there the flag
+    changes nothing.
+
     Build the trainer outside `strategy.scope()`: `stop_requested` must be
     a plain host variable, not a mirrored one.
     """
@@ -117,6 +172,11 @@ class Trainer(orbit.StandardTrainer):
     self.weight_decay = weight_decay
     self.skip_nonfinite = bool(skip_nonfinite)
     self.stop_within_loop = bool(stop_within_loop)
+    # The replica step as orbit's loop calls it: XLA-compiled or not.
+    self.compiled_step = None
+    if jit_compile and not is_tpu(strategy):
+      check_jit_compile(strategy)
+      self.compiled_step = tf.function(self._step_fn, jit_compile=True)
     names = ['loss', 'weight_decay']
     if train_mode == 'pretrain':
       names += list(objective.metric_names)
@@ -198,7 +258,12 @@ class Trainer(orbit.StandardTrainer):
             lambda: self._run_step(iterator))
 
   def _run_step(self, iterator):
-    nonfinite = self.strategy.run(self._step_fn, args=(next(iterator),))
+    step_fn = self._step_fn
+    if self.compiled_step is not None:
+      # A plain replica function: strategies may unwrap a tf.function
+      # handed to `run` to its Python function, dropping the compilation.
+      step_fn = lambda batch: self.compiled_step(batch)  # pylint: disable=unnecessary-lambda
+    nonfinite = self.strategy.run(step_fn, args=(next(iterator),))
     # The same all-reduced vector on every replica: take the first's.
     nonfinite = self.strategy.experimental_local_results(nonfinite)[0]
     any_bad = tf.reduce_any(nonfinite)
@@ -226,6 +291,7 @@ class Trainer(orbit.StandardTrainer):
   def _step_fn(self, batch):
     """One replica's step; returns the [len(NONFINITE_TERMS)] bool vector of
     terms that were not finite on some replica."""
+    batch = data_util.finish_views(batch)  # --blur_on_device: blur here
     num_replicas = self.strategy.num_replicas_in_sync
     state = self._state_variables() if self.skip_nonfinite else []
     saved = [v.read_value() for v in state]

@@ -97,11 +97,34 @@ def test_parse_num_clusters():
     (['--objective=nope'], "Unknown --objective='nope'; available: fnc, ifnd"),
     (['--fine_tune_after_block=2'], '--fine_tune_after_block freezes blocks'),
     (['--width_multiplier=0'], '--width_multiplier must be positive'),
+    (['--jit_compile', '--distribution_strategy=multi_worker_mirrored'],
+     '--jit_compile cannot compile the step of '
+     '--distribution_strategy=multi_worker_mirrored: its replicas sync '
+     'through merge_call'),
+    (['--input_threads=-1'], '--input_threads must not be negative'),
+    (['--input_ram_budget_gb=-0.5'],
+     '--input_ram_budget_gb must not be negative'),
 ])
 def test_validation_names_the_flags(tmp_path, args, expected):
   with pytest.raises(config_lib.ConfigError, match='invalid flags') as info:
     config_lib.from_argv([f'--model_dir={tmp_path}'] + args)
   assert expected in str(info.value)
+
+
+def test_input_pipeline_flags_reach_the_data_config(tmp_path):
+  cfg = config_lib.from_argv([f'--model_dir={tmp_path}', '--blur_on_device',
+                              '--input_threads=12',
+                              '--input_ram_budget_gb=64'])
+  assert cfg.data.blur_on_device and cfg.data.use_blur
+  assert cfg.data.input_threads == 12 and cfg.data.input_ram_budget_gb == 64
+
+
+def test_jit_compile_reaches_the_distribution_config(tmp_path):
+  common = [f'--model_dir={tmp_path}']
+  assert not config_lib.from_argv(common).distribution.jit_compile
+  cfg = config_lib.from_argv(common + ['--jit_compile',
+                                       '--distribution_strategy=one_device'])
+  assert cfg.distribution.jit_compile
 
 
 def test_model_dir_is_required():

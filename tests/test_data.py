@@ -7,6 +7,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 import data
+import data_util
 from conftest import two_replica_strategy
 
 SHARED_CIFAR = '/work/shared/data/cifar10_jpeg/cifar10_jpeg.tar.gz'
@@ -542,6 +543,172 @@ def test_filtered_source_training(kind, tfds_dir, digits_source):
   for j, (image, label) in _collect(src.load('train')).items():
     np.testing.assert_array_equal(image, full[int(kept[j])][0])
     assert label == full[int(kept[j])][1]
+
+
+# ------------------------------------------- pod hosts: memory, preview, blur
+
+
+def test_tfds_window_holds_serialized_records(tfds_dir, digits_source):
+  """The TFDS shuffle window holds encoded records (strings), never decoded
+  images: `_record_stream` yields {'epoch', 'id', 'serialized'}, and each
+  window's records decode to the images of their ids."""
+  src = _train_source('tfds', None, tfds_dir, digits_source)
+  order_key = tf.constant([0, 0], tf.int64)
+  ds = data._record_stream(src, 'train', order_key, None, 5, 0, 23)  # pylint: disable=protected-access
+  assert set(ds.element_spec) == {'epoch', 'id', 'serialized'}
+  assert ds.element_spec['serialized'] == tf.TensorSpec([], tf.string)
+  full = _collect(src.load('train'))
+  records = list(ds.take(23).as_numpy_iterator())
+  assert sorted(r['id'] for r in records) == list(range(23))
+  for r in records:
+    decoded = src.decode_record(tf.constant(r['serialized']))
+    np.testing.assert_array_equal(decoded['image'].numpy(),
+                                  full[int(r['id'])][0])
+
+
+def _first_epoch_views(source, image_size, **kwargs):
+  """{id: training views} of epoch 0 (the first N stream positions)."""
+  n = source.num_examples('train')
+  fn = data.build_input_fn(source, 'train', 5, is_training=True,
+                           image_size=image_size, seed=3, **kwargs)
+  batches = list(fn().take(-(-n // 5)).as_numpy_iterator())
+  return {i: views for (epoch, i), views in
+          _views_by_epoch(batches, n).items() if epoch == 0}
+
+
+@pytest.mark.parametrize('kind', ['digits', 'tfds'])
+def test_preview_shows_the_training_views_of_its_examples(
+    kind, tfds_dir, digits_source):
+  """preview_batch: examples spread over the split (random access: ids
+  k·N // 6; TFDS: the first records in file order) with exactly the views
+  epoch 0 of training gives them; with blur_on_device blurred as on the
+  device, the host path's views to float rounding."""
+  src = _train_source(kind, None, tfds_dir, digits_source)
+  size = 32 if kind == 'digits' else 16  # blur kernel 3 at 32 px
+  training = _first_epoch_views(src, size)
+  preview = data.preview_batch(src, 'train', 6, size, seed=3)
+  n = src.num_examples('train')
+  np.testing.assert_array_equal(
+      preview['id'], np.arange(6) * n // 6 if kind == 'digits' else
+      np.arange(6))
+  assert set(preview) == {'image', 'label', 'id'}
+  for i, views in zip(preview['id'].numpy(), preview['image'].numpy()):
+    np.testing.assert_array_equal(views, training[i])
+  on_device = data.preview_batch(src, 'train', 6, size, seed=3,
+                                 blur_on_device=True)
+  assert set(on_device) == {'image', 'label', 'id'}  # finished
+  np.testing.assert_allclose(on_device['image'].numpy(),
+                             preview['image'].numpy(), atol=1e-6, rtol=0)
+
+
+class _RecordFileSource(data.DataSource):
+  """A sequential (TFDS-like) source: one TFRecord file of PNG records,
+  record r = example id r."""
+
+  name = 'records'
+  num_classes = 2
+  image_shape = (8, 8, 3)
+
+  def __init__(self, path, num_records):
+    self._path, self._num_records = path, num_records
+
+  @property
+  def splits(self):
+    return ['train']
+
+  def num_examples(self, split):
+    return self._num_records
+
+  def record_files(self, split):
+    return [self._path], [np.arange(self._num_records)]
+
+  def decode_record(self, serialized):
+    parsed = tf.io.parse_single_example(serialized, {
+        'png': tf.io.FixedLenFeature([], tf.string),
+        'label': tf.io.FixedLenFeature([], tf.int64)})
+    image = tf.io.decode_png(parsed['png'], channels=3)
+    image.set_shape([8, 8, 3])
+    return {'image': image, 'label': tf.cast(parsed['label'], tf.int32)}
+
+
+def _record_file_with_a_corrupt_record(path, num_records, corrupt):
+  """TFRecord file of `num_records` examples whose record `corrupt` fails
+  its CRC check when read (a flipped payload byte)."""
+  with tf.io.TFRecordWriter(path) as writer:
+    for k in range(num_records):
+      png = tf.io.encode_png(np.full((8, 8, 3), k, np.uint8)).numpy()
+      writer.write(tf.train.Example(features=tf.train.Features(feature={
+          'png': tf.train.Feature(bytes_list=tf.train.BytesList(value=[png])),
+          'label': tf.train.Feature(int64_list=tf.train.Int64List(
+              value=[k % 2]))})).SerializeToString())
+  raw = bytearray(open(path, 'rb').read())
+  pos = 0
+  for _ in range(corrupt):  # record: length (8), crc (4), data, crc (4)
+    pos += 16 + int.from_bytes(raw[pos:pos + 8], 'little')
+  raw[pos + 12] ^= 0xFF
+  with open(path, 'wb') as f:
+    f.write(bytes(raw))
+
+
+def test_preview_reads_only_the_first_records(tmp_path):
+  """The preview of a sequential source reads its first records only: a
+  corrupt record 20 of 40 stops the training input (which fills its
+  40-record shuffle window first) but not an 8-image preview."""
+  path = str(tmp_path / 'train.tfrecord')
+  _record_file_with_a_corrupt_record(path, 40, corrupt=20)
+  src = _RecordFileSource(path, 40)
+  fn = data.build_input_fn(src, 'train', 4, is_training=True, image_size=8,
+                           seed=0)
+  with pytest.raises(tf.errors.DataLossError):
+    next(iter(fn()))
+  preview = data.preview_batch(src, 'train', 8, 8, seed=0)
+  np.testing.assert_array_equal(preview['id'], np.arange(8))
+  assert preview['image'].shape == (8, 8, 8, 6)
+
+
+def test_blur_on_device_batches_carry_the_blur_draws(digits_source):
+  """blur_on_device: the batch holds 'blur_sigma' [b, V] (0 = not blurred)
+  and unblurred views; finishing them gives the host-blurred batch. No
+  'blur_sigma' when the flag is off, without use_blur, or fine-tuning."""
+  src = _train_source('digits', None, None, digits_source)
+
+  def batches(**kwargs):
+    ds = data.build_input_fn(src, 'train', 8, is_training=True,
+                             image_size=32, seed=1, **kwargs)()
+    return ds, list(ds.take(2).as_numpy_iterator())
+
+  _, host = batches()
+  ds, device = batches(blur_on_device=True)
+  assert ds.element_spec['blur_sigma'] == tf.TensorSpec([8, 2], tf.float32)
+  sigmas = np.concatenate([b['blur_sigma'] for b in device])
+  assert 0 < (sigmas > 0).sum() < sigmas.size
+  for h, d in zip(host, device):
+    np.testing.assert_array_equal(d['id'], h['id'])
+    finished = data_util.finish_views(d)
+    np.testing.assert_allclose(finished['image'].numpy(), h['image'],
+                               atol=1e-6, rtol=0)
+  assert 'blur_sigma' not in host[0]
+  for kwargs in (dict(use_blur=False), dict(train_mode='finetune')):
+    fn = data.build_input_fn(src, 'train', 8, is_training=True,
+                             image_size=32, seed=1, blur_on_device=True,
+                             **kwargs)
+    assert 'blur_sigma' not in fn().element_spec, kwargs
+
+
+def test_train_options_land_on_the_dataset(digits_source):
+  """input_threads / input_ram_budget_gb become the training dataset's
+  tf.data options; 0 leaves TF's defaults."""
+  def options(**kwargs):
+    return data.build_input_fn(digits_source, 'train', 8, is_training=True,
+                               image_size=16, seed=0, **kwargs)().options()
+  default = options()
+  assert default.threading.private_threadpool_size in (None, 0)
+  assert default.autotune.ram_budget in (None, 0)
+  given = options(input_threads=6, input_ram_budget_gb=1.5)
+  assert given.threading.private_threadpool_size == 6
+  assert given.autotune.ram_budget == int(1.5 * 2**30)
+  for o in (default, given):
+    assert o.threading.max_intra_op_parallelism == 1
 
 
 # ---------------------------------------------------------------- errors

@@ -459,3 +459,74 @@ def test_jitter_order_is_a_uniform_permutation(monkeypatch):
   assert len(counts) == 24
   lo, hi = _binomial_band(n, 1 / 24)
   assert lo <= counts.min() and counts.max() <= hi
+
+
+# ------------------------------------------------------- blur on the device
+
+
+def test_gaussian_taps_per_sigma_and_identity_at_zero():
+  taps = data_util.gaussian_taps(7, tf.constant([[0.0, 1.3], [2.0, 0.0]]))
+  assert taps.shape == (2, 2, 7)
+  np.testing.assert_allclose(tf.reduce_sum(taps, -1).numpy(), 1.0, atol=1e-6)
+  identity = np.eye(7)[3]
+  np.testing.assert_array_equal(taps[0, 0].numpy(), identity)
+  np.testing.assert_array_equal(taps[1, 1].numpy(), identity)
+  x = np.arange(-3, 4)
+  k = np.exp(-x ** 2 / (2 * 1.3 ** 2))
+  np.testing.assert_allclose(taps[0, 1].numpy(), k / k.sum(), rtol=1e-6)
+
+
+@pytest.mark.parametrize('size', [32, 64])
+def test_device_blur_of_a_batch_equals_the_host_views(size):
+  """blur_views of the deferred views (blur_sigma drawn, view left before
+  its blur and final clip) equals the host-blurred views of the same keys:
+  6 images x 2 views, some blurred and some not (kernel size // 10 = 3
+  or 6 taps -> 3 or 7), to float rounding; unblurred views exactly."""
+  rng = np.random.RandomState(size)
+  images = rng.uniform(size=(6, size + 8, size + 8, 3)).astype(np.float32)
+  host, deferred, sigmas = [], [], []
+  for i, image in enumerate(images):
+    views, pre, sig = [], [], []
+    for v in range(2):
+      key = _key(i, v)
+      views.append(data_util.preprocess_for_train(
+          tf.constant(image), size, size, blur=True, seed=key))
+      view, sigma = data_util.preprocess_for_train(
+          tf.constant(image), size, size, blur=True, defer_blur=True,
+          seed=key)
+      pre.append(view)
+      sig.append(sigma)
+    host.append(tf.concat(views, -1))
+    deferred.append(tf.concat(pre, -1))
+    sigmas.append(tf.stack(sig))
+  host, sigmas = np.stack(host), np.stack(sigmas)
+  assert 0 < (sigmas > 0).sum() < sigmas.size  # some of each
+  assert ((sigmas == 0) | ((sigmas >= 0.1) & (sigmas <= 2.0))).all()
+  device = data_util.blur_views(tf.stack(deferred), sigmas).numpy()
+  assert device.shape == (6, size, size, 6)
+  np.testing.assert_allclose(device, host, atol=1e-6, rtol=0)
+  for i, v in zip(*np.nonzero(sigmas == 0)):
+    np.testing.assert_array_equal(device[i, ..., 3 * v:3 * v + 3],
+                                  host[i, ..., 3 * v:3 * v + 3])
+  # The deferred view is unclipped: its clip must follow the blur.
+  finished = data_util.finish_views({'image': tf.stack(deferred),
+                                     'blur_sigma': sigmas, 'id': np.arange(6)})
+  assert set(finished) == {'image', 'id'}
+  np.testing.assert_array_equal(finished['image'].numpy(), device)
+
+
+def test_blur_sigma_is_the_host_blurs_draw():
+  """random_blur blurs with exactly the σ of blur_sigma (0: untouched)."""
+  img = _rand_image(40, 40, seed=30)
+  for k in range(12):
+    sigma = float(data_util.blur_sigma(0.5, seed=_key(k)))
+    out = data_util.random_blur(tf.constant(img), 40, 40, p=0.5,
+                                seed=_key(k)).numpy()
+    expected = (data_util.gaussian_blur(tf.constant(img), 4, sigma).numpy()
+                if sigma > 0 else img)
+    np.testing.assert_array_equal(out, expected)
+
+
+def test_finish_views_leaves_a_batch_without_sigma_alone():
+  batch = {'image': tf.constant(_rand_image(4, 4)[None] * 3 - 1)}
+  assert data_util.finish_views(batch) is batch

@@ -237,7 +237,8 @@ PRECISION_OBJECTIVES = {
 }
 
 
-def _train(model_dir, objective, precision, steps=2, learning_rate=0.01):
+def _train(model_dir, objective, precision, steps=2, learning_rate=0.01,
+           jit_compile=False):
   """(per-step training losses, the experiment, dtypes of the projections
   the objective received, initial weights, per-loop outputs) of `steps`
   steps from the seed-0 weights."""
@@ -248,7 +249,8 @@ def _train(model_dir, objective, precision, steps=2, learning_rate=0.01):
              model={'precision': precision},
              schedule={'train_steps': steps, 'steps_per_loop': 1,
                        'learning_rate': learning_rate},
-             checkpoint={'checkpoint_steps': steps})
+             checkpoint={'checkpoint_steps': steps},
+             distribution={'jit_compile': jit_compile})
   experiment = experiment_lib.Experiment(cfg, tf.distribute.get_strategy())
   received = set()
   loss_fn = experiment.objective.loss
@@ -336,3 +338,67 @@ def test_resume_in_another_precision_of_the_same_variables(tmp_path):
     keys = tf.train.list_variables(tf.train.latest_checkpoint(tmp_path))
     scale = [name for name, _ in keys if name.startswith('loss_scale/')]
     assert bool(scale) == (precision == 'float16'), (precision, scale)
+
+
+# ------------------------------------------------------- input pipeline
+
+
+def test_training_with_blur_on_device(tmp_path):
+  """--blur_on_device: two SimCLR steps at 32 px (blur kernel 3) train,
+  with the start-of-training view grid; the preview shows the views
+  blurred as on the device, the host-blurred views to float rounding."""
+  cfg = tiny(tmp_path, data={'image_size': 32, 'use_blur': True,
+                             'blur_on_device': True, 'input_threads': 2},
+             schedule={'train_summary_steps': 1})
+  experiment = experiment_lib.Experiment(cfg, tf.distribute.get_strategy())
+  preview = experiment.preview_batch().numpy()
+  host = experiment_lib.data_lib.preview_batch(
+      experiment.data.source, 'train', 8,
+      **dict(experiment.view_args(), blur_on_device=False))['image']
+  np.testing.assert_allclose(preview, host.numpy(), atol=1e-6, rtol=0)
+  outputs = []
+  standard_actions = experiment.train_actions
+  experiment.train_actions = lambda: standard_actions() + [outputs.append]
+  controller = experiment.controller(True, False)
+  experiment.train(controller)
+  assert int(experiment.global_step.numpy()) == 2
+  assert np.isfinite(float(outputs[-1]['train/contrast_loss']))
+  assert tf.io.gfile.glob(str(tmp_path / 'events.out.tfevents.*'))
+
+
+# ------------------------------------------------------- --jit_compile
+
+
+def test_jit_compiled_resnet_steps_equal_uncompiled(tmp_path):
+  """--jit_compile reaches the trainer, and two compiled steps of the
+  ResNet-18 (convolutions, BN, LARS) in float64 agree with uncompiled ones
+  from the same weights and batches: losses, and every weight, BN
+  statistic and optimizer slot to 1e-9 of its tensor's largest value (the
+  rule of tests/test_multiworker.py; measured ~1e-12). Each objective's
+  own state: tests/test_trainer.py."""
+  plain_losses, plain = _train(tmp_path / 'plain', 'simclr', 'float64',
+                               learning_rate=0.5)[:2]
+  jit_losses, jit, _, initial, _ = _train(tmp_path / 'jit', 'simclr',
+                                          'float64', learning_rate=0.5,
+                                          jit_compile=True)
+  assert plain.trainer.compiled_step is None
+  assert jit.trainer.compiled_step is not None
+  np.testing.assert_allclose(jit_losses, plain_losses, rtol=1e-6)
+  expected = _float_variables(plain)
+  assert len(expected) > 100
+  for a, b in zip(_float_variables(jit), expected):
+    a, b = a.numpy(), b.numpy()
+    assert np.abs(a - b).max() <= 1e-12 + 1e-9 * np.abs(b).max(), a.name
+  after = jit.model.trainable_variables
+  assert all(not np.array_equal(a.numpy(), b) for a, b in zip(after, initial)
+             if 'head_supervised' not in a.name)
+
+
+def test_jit_compile_with_two_replicas_is_refused_before_anything_is_written(
+    tmp_path, two_replicas):
+  model_dir = tmp_path / 'model'
+  with pytest.raises(config_lib.ConfigError, match='merge_call') as error:
+    experiment_lib.Experiment(tiny(model_dir, distribution={
+        'jit_compile': True}), two_replicas)
+  assert '--jit_compile' in str(error.value)
+  assert not model_dir.exists()

@@ -318,6 +318,10 @@ BAD_INPUTS = [
      '--DCL_mode=true selects --objective=sogclr'),
     ('TPU contradiction', {'use_tpu': False, 'distribution_strategy': 'tpu'},
      '--use_tpu=false contradicts'),
+    ('XLA with mirrored replicas', {'jit_compile': True,
+                                    'distribution_strategy': 'mirrored'},
+     '--jit_compile cannot compile the step of --distribution_strategy='
+     'mirrored'),
     ('zero width', {'width_multiplier': 0}, '--width_multiplier must be'),
     ('missing subset file', {'train_subset': '/nonexistent/keys.txt'},
      '--train_subset=/nonexistent/keys.txt: no such file'),
@@ -360,6 +364,24 @@ BAD_INPUTS = [
         train_mode='finetune', variable_schema='nothing_matches_this'),
      'nothing_matches_this'),
 ]
+
+
+@pytest.mark.parametrize('gpus, jit_compile, expected', [
+    (0, True, 'one_device'), (1, False, 'mirrored'), (1, True, 'one_device'),
+    (2, True, 'mirrored')])
+def test_detected_strategy(gpus, jit_compile, expected, monkeypatch):
+  """Detection: all local GPUs mirrored, except a lone GPU with
+  --jit_compile (one device: MirroredStrategy cannot run a compiled step;
+  with 2 GPUs Experiment then refuses --jit_compile)."""
+  requested = {}
+  real = tf.config.list_physical_devices
+  monkeypatch.setattr(tf.config, 'list_physical_devices', lambda kind=None: (
+      ['GPU'] * gpus if kind == 'GPU' else real(kind)))
+  monkeypatch.setattr(run.distribute_utils, 'get_distribution_strategy',
+                      lambda **kwargs: requested.update(kwargs))
+  run.build_strategy(config_lib.DistributionConfig(jit_compile=jit_compile))
+  assert requested['distribution_strategy'] == expected
+  assert requested['num_gpus'] == gpus
 
 
 def test_bad_input_table_has_forty_rows():

@@ -392,28 +392,45 @@ def _tiny_arrays(num_batches, batch_size, bad_batch=None, bad_row=0,
 
 def _tiny_trainer(strategy, arrays, batch_size, objective='simclr',
                   optimizer_name='lars', train_mode='pretrain', repeat=False,
-                  **kwargs):
+                  precision='float32', **kwargs):
   """A Trainer of _TinyModel on `arrays` in batches of `batch_size`.
-  objective: 'simclr', 'sogclr' or 'fnc' (memory mode, with _TinyEncoder)."""
+  objective: 'simclr', 'sogclr', 'fnc' (memory mode, with _TinyEncoder),
+  'fnc_in_batch', or 'ifnd' (memory mode, a fixed pseudo-label table with
+  unlabelled examples). precision: a key of model.PRECISION_POLICIES
+  (float16: with Keras' LossScaleOptimizer, as experiment.build_optimizer)."""
   import fnc  # pylint: disable=g-import-not-at-top
+  import ifnd  # pylint: disable=g-import-not-at-top
   import sogcl  # pylint: disable=g-import-not-at-top
   n = len(arrays['id'])
   encoder = None
-  with strategy.scope():
+  with strategy.scope(), model_lib.precision_policy(precision):
     model = _TinyModel(train_mode)
     model(tf.zeros([1, TINY, TINY, 6]), training=False)
     optimizer = lars_optimizer.build_optimizer(optimizer_name, LR,
                                                weight_decay=WD)
+    if precision == 'float16':
+      optimizer = tf_keras.mixed_precision.LossScaleOptimizer(optimizer)
     if objective == 'sogclr':
       objective = sogcl.SogCLR(temperature=0.5, gamma=0.9)
     elif objective == 'fnc':
       objective = fnc.FNC(temperature=0.5, support_size=0,
                           memory_multiplier=4, momentum_decay=0.5, topk=1)
-      encoder = _TinyEncoder()
-      encoder(tf.zeros([1, TINY, TINY, 6]))
+    elif objective == 'fnc_in_batch':
+      objective = fnc.FNC(temperature=0.5, support_size=0,
+                          memory_multiplier=0, topk=2, threshold=0.0)
+    elif objective == 'ifnd':
+      objective = ifnd.IFND(temperature=0.5, memory_multiplier=4,
+                            momentum_decay=0.5, num_clusters=(3, 2))
     else:
       objective = obj_lib.SimCLR(temperature=0.5)
+    if objective.uses_momentum_encoder:
+      encoder = _TinyEncoder()
+      encoder(tf.zeros([1, TINY, TINY, 6]))
     objective.build(n, batch_size, projection_dim=4)
+  if isinstance(objective, ifnd.IFND):
+    labels = np.stack([np.arange(n) % 3, np.arange(n) % 2], axis=1)
+    labels[::4] = -1  # not accepted at this rate
+    objective.table.assign(labels, step=0, rate=0.75)
   dataset = _distributed(strategy, arrays, batch_size, repeat=repeat)
   return trainer_lib.Trainer(
       strategy, model, optimizer, objective, dataset, train_mode=train_mode,
@@ -471,18 +488,21 @@ def test_nonfinite_report_names_first_step_and_terms():
   assert np.isnan(trainer.model.proj.kernel.numpy()).all()
 
 
-@pytest.mark.parametrize('objective,optimizer_name',
-                         [('fnc', 'lars'), ('sogclr', 'momentum')])
+@pytest.mark.parametrize('objective,optimizer_name,jit_compile',
+                         [('fnc', 'lars', False), ('sogclr', 'momentum', False),
+                          ('fnc', 'lars', True)])
 def test_skip_nonfinite_step_changes_nothing_but_the_global_step(
-    objective, optimizer_name):
+    objective, optimizer_name, jit_compile):
   """skip_nonfinite: an inf image at step 2 leaves the weights, optimizer
   slots, BN moving statistics, the objective's state (FNC's queue, SogCLR's
   u) and the momentum encoder (weights and BN) bit for bit as they were;
-  the global step advances; the following good steps update all of them."""
+  the global step advances; the following good steps update all of them.
+  The same inside an XLA-compiled step."""
   strategy = _one_replica_strategy()
   arrays = _tiny_arrays(4, B, bad_batch=1, bad_row=2, bad_value=np.inf)
   trainer = _tiny_trainer(strategy, arrays, B, objective=objective,
-                          optimizer_name=optimizer_name, skip_nonfinite=True)
+                          optimizer_name=optimizer_name, skip_nonfinite=True,
+                          jit_compile=jit_compile)
   trainer.train(tf.constant(1))
   before = _state(trainer)
   expected = {'trainable', 'bn_moving', 'slots', 'objective'}
@@ -618,3 +638,180 @@ def test_stop_requested_from_another_thread_ends_the_loop_early():
   thread.join()
   steps = int(trainer.global_step.numpy()) - 1
   assert 3 <= steps < requested
+
+
+class _SeeingModel(_TinyModel):
+  """_TinyModel that keeps the images of its last training call."""
+
+  def __init__(self, shape):
+    super().__init__()
+    self.seen = tf.Variable(tf.zeros(shape), trainable=False)
+
+  def call(self, images, training=False):
+    if training:
+      self.seen.assign(images)
+    return super().call(images, training=training)
+
+
+def test_step_finishes_views_that_carry_blur_sigma():
+  """--blur_on_device: a batch with 'blur_sigma' reaches the model with
+  its views blurred and clipped (data_util.finish_views) at the start of
+  the step; the objective gets no 'blur_sigma'."""
+  import data_util  # pylint: disable=g-import-not-at-top
+  strategy = _one_replica_strategy()
+  rng = np.random.default_rng(3)
+  shape = (B, 32, 32, 6)
+  arrays = {
+      'image': rng.uniform(-0.1, 1.1, size=shape).astype(np.float32),
+      'blur_sigma': np.array([[0.0, 1.5], [0.7, 0.0], [2.0, 1.9],
+                              [0.0, 0.0]], np.float32),
+      'label': np.arange(B, dtype=np.int32) % NUM_CLASSES,
+      'id': np.arange(B, dtype=np.int32)}
+  with strategy.scope():
+    model = _SeeingModel(shape)
+    model(tf.zeros([1, 32, 32, 6]), training=False)
+    optimizer = lars_optimizer.build_optimizer('lars', LR, weight_decay=WD)
+    objective = obj_lib.SimCLR(temperature=0.5)
+    objective.build(B, B, projection_dim=4)
+  keys = []
+  loss = objective.loss
+  objective.loss = lambda z, batch, **kw: (keys.append(set(batch)),
+                                           loss(z, batch, **kw))[1]
+  trainer = trainer_lib.Trainer(
+      strategy, model, optimizer, objective,
+      _distributed(strategy, arrays, B), weight_decay=WD)
+  trainer.train(tf.constant(1))
+  expected = data_util.finish_views(arrays)['image'].numpy()
+  np.testing.assert_allclose(model.seen.numpy(), expected, atol=1e-6,
+                             rtol=0)
+  assert not np.allclose(expected, np.clip(arrays['image'], 0, 1))
+  assert keys and all('blur_sigma' not in k for k in keys)
+
+
+# ---------------------------------------------------------------------------
+# --jit_compile: the whole replica step as one XLA computation.
+# ---------------------------------------------------------------------------
+
+# XLA fuses and reorders floating-point operations, so compiled and
+# uncompiled steps round differently. In float64 they agree to ~3e-15 of
+# each tensor's scale after 3 steps here (~1e-12 with the ResNet-18 of
+# tests/test_experiment.py), except the bias of the Dense before BN: it
+# gets no gradient and holds rounding noise (~1e-17 apart), hence the atol.
+# The loop's metrics are float32 means. Tolerance rule of
+# tests/test_multiworker.py: |a − b| ≤ atol + rtol·max|b| per tensor,
+# integers exactly.
+JIT_RTOL = {'float64': 1e-9, 'float16': 2e-2}
+JIT_ATOL = {'float64': 1e-12, 'float16': 1e-6}
+# SimCLR: with the ResNet-18 in tests/test_experiment.py.
+JIT_OBJECTIVES = ('sogclr', 'fnc_in_batch', 'fnc', 'ifnd')
+
+
+def _assert_state_close(a, b, rtol, atol):
+  """`_state` a within `rtol` of b (the rule above), group by group."""
+  assert a.keys() == b.keys()
+  for name in a:
+    assert len(a[name]) == len(b[name]) > 0, name
+    for x, y in zip(a[name], b[name]):
+      if y.dtype.kind in 'iub':
+        np.testing.assert_array_equal(x, y, err_msg=name)
+      else:
+        assert np.abs(x - y).max() <= atol + rtol * np.abs(y).max(), name
+
+
+def _steps_with_and_without_jit(objective, precision, steps=3):
+  """[(trainer, state before, per-step loop outputs)] of `steps` steps
+  uncompiled and compiled, from the same seed-0 weights and batches."""
+  arrays = _tiny_arrays(steps, 2 * B)
+  runs = []
+  for jit_compile in (False, True):
+    tf_keras.utils.set_random_seed(0)
+    trainer = _tiny_trainer(_one_replica_strategy(), arrays, 2 * B,
+                            objective=objective, precision=precision,
+                            jit_compile=jit_compile)
+    before = _state(trainer)
+    outputs = [{k: float(v) for k, v in trainer.train(tf.constant(1)).items()}
+               for _ in range(steps)]
+    runs.append((trainer, before, outputs))
+  return runs
+
+
+@pytest.mark.parametrize('objective', JIT_OBJECTIVES)
+def test_compiled_step_equals_uncompiled_step(objective):
+  """float64, 3 steps: the losses and metrics of every step, the weights,
+  optimizer slots, BN statistics, the objective's state (u, queue, pseudo
+  labels) and the momentum encoder agree to JIT_RTOL; and the steps did
+  change every group."""
+  (plain, plain_before, plain_out), (jit, jit_before, jit_out) = (
+      _steps_with_and_without_jit(objective, 'float64'))
+  assert plain.compiled_step is None and jit.compiled_step is not None
+  _assert_state_equal(jit_before, plain_before)
+  after = _state(plain)
+  _assert_state_close(_state(jit), after, JIT_RTOL['float64'],
+                      JIT_ATOL['float64'])
+  for step, (a, b) in enumerate(zip(jit_out, plain_out), 1):
+    assert a.keys() == b.keys()
+    for key in b:
+      np.testing.assert_allclose(a[key], b[key], rtol=1e-6, atol=1e-7,
+                                 err_msg=f'{key} at step {step}')
+    assert np.isfinite(b['train/loss'])
+  for name in plain_before:  # the slots are made by the first step
+    assert any(not np.array_equal(x, y) for x, y in
+               zip(after[name], plain_before[name])), name
+  if objective in ('fnc_in_batch', 'fnc', 'ifnd'):  # the FN paths ran
+    assert plain_out[-1]['train/fn_per_anchor'] > 0
+
+
+def test_compiled_step_agrees_in_float16_with_loss_scaling():
+  """float16 (mixed) with dynamic loss scaling: the LossScaleOptimizer's
+  update compiles too, with the same loss scale after the same steps; the
+  state agrees to float16's JIT_RTOL."""
+  precision = 'float16'
+  (plain, _, plain_out), (jit, _, jit_out) = _steps_with_and_without_jit(
+      'simclr', precision)
+  _assert_state_close(_state(jit), _state(plain), JIT_RTOL[precision],
+                      JIT_ATOL[precision])
+  np.testing.assert_allclose([o['train/loss'] for o in jit_out],
+                             [o['train/loss'] for o in plain_out],
+                             rtol=JIT_RTOL[precision])
+  assert isinstance(jit.optimizer, tf_keras.mixed_precision.LossScaleOptimizer)
+  assert float(jit.optimizer.loss_scale) == float(plain.optimizer.loss_scale)
+  assert int(jit.global_step.numpy()) == int(plain.global_step.numpy()) == 3
+
+
+class _StringOpObjective(obj_lib.Objective):
+  """SimCLR's loss routed through a string round trip (AsString,
+  StringToNumber): ops with no XLA kernel."""
+  metric_names = ()
+
+  def contrast(self, views, batch, keys):
+    loss, _, _ = obj_lib.nt_xent_loss(*obj_lib.split_views(views, 2), 0.5)
+    text = tf.strings.as_string(tf.stop_gradient(loss), precision=3)
+    return loss + 0 * tf.strings.to_number(text, loss.dtype), {}
+
+
+def test_jit_compile_really_compiles_the_step():
+  """The loop runs the compiled step: an op without an XLA kernel fails
+  it (uncompiled, TensorFlow runs AsString on the CPU), before any update,
+  and the error becomes a message naming the op and the flag."""
+  trainer = _tiny_trainer(_one_replica_strategy(), _tiny_arrays(1, B), B,
+                          jit_compile=True)
+  trainer.objective = _StringOpObjective()
+  with pytest.raises(tf.errors.InvalidArgumentError) as error:
+    trainer.train(tf.constant(1))
+  message = trainer_lib.uncompilable_step_message(error.value)
+  assert 'AsString' in message and '--jit_compile' in message
+  assert int(trainer.global_step.numpy()) == 0
+  assert trainer_lib.uncompilable_step_message(
+      tf.errors.InvalidArgumentError(None, None, 'bad image')) is None
+
+
+def test_jit_compile_refused_with_mirrored_replicas(two_replicas):
+  """MirroredStrategy (2 replicas): refused when the trainer is built, with
+  the reason and what to do instead."""
+  with pytest.raises(ValueError, match='merge_call') as error:
+    _tiny_trainer(two_replicas, _tiny_arrays(1, 2 * B), 2 * B,
+                  jit_compile=True)
+  assert 'MirroredStrategy (2 replica(s))' in str(error.value)
+  assert '--distribution_strategy=one_device' in str(error.value)
+  trainer_lib.check_jit_compile(_one_replica_strategy())
+  trainer_lib.check_jit_compile(tf.distribute.get_strategy())
