@@ -1,8 +1,8 @@
 r"""Training throughput: the framework's step against a bare loop, MFU and
 the input pipeline.
 
-  python benchmarks/throughput.py                  # the README table, ~20 min
-  python benchmarks/throughput.py --preset=quick   # one row, ~3 min
+  python benchmarks/throughput.py                  # the README table, ~35 min
+  python benchmarks/throughput.py --preset=quick   # one small row, ~1 min
   python benchmarks/throughput.py --objectives=simclr,sogclr \
       --precisions=float32,bfloat16 --jit=false,true --depth=50 \
       --image_size=224 --batch=64                  # your own grid
