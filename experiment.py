@@ -175,8 +175,7 @@ def resolve_precision(cfg, strategy):
   """--precision, or its default: bfloat16 on TPU, float32 elsewhere."""
   if cfg.model.precision:
     return cfg.model.precision
-  return ('bfloat16' if isinstance(strategy, tf.distribute.TPUStrategy)
-          else 'float32')
+  return 'bfloat16' if trainer_lib.is_tpu(strategy) else 'float32'
 
 
 def build_model(cfg, num_classes, precision='float32'):
