@@ -24,8 +24,12 @@ class PeriodicAction:
 
   Due rule: after a host loop that moved the global step across a multiple
   of `period_steps` (at the multiple itself when loops divide the period,
-  else at the first loop boundary after it), at steps > 0. Before the first loop `start()`
-  marks the current step as seen and runs at once if `due_at_start(step)`.
+  else at the first loop boundary after it), at steps > 0; and, with a
+  `final_step` (the run's train_steps), after the loop that reaches it, so
+  that the last weights are scored even when no multiple falls on it (once:
+  a multiple that is the final step runs once). Before the first loop
+  `start()` marks the current step as seen (a resumed run does not redo the
+  step it resumes at) and runs at once if `due_at_start(step)`.
 
   `run(step, outputs)` returns a record (a JSON-able dict, or None). With a
   `history_path`, records are kept in a JSON list there, one per step (a
@@ -34,11 +38,12 @@ class PeriodicAction:
   """
 
   def __init__(self, global_step, period_steps, history_path=None,
-               summary_dir=None):
+               summary_dir=None, final_step=None):
     if period_steps < 1:
       raise ValueError(f'period_steps must be ≥ 1, got {period_steps}.')
     self.global_step = global_step
     self.period_steps = int(period_steps)
+    self.final_step = None if final_step is None else int(final_step)
     self.history_path = history_path
     self.summary_dir = summary_dir
     self.history = checkpoints.read_json(history_path, default=[])
@@ -67,9 +72,11 @@ class PeriodicAction:
     step = self.current_step()
     last, self._last_step = self._last_step, step
     if last is None:
-      due = step % self.period_steps == 0
+      due = step % self.period_steps == 0 or step == self.final_step
     else:
-      due = step // self.period_steps > last // self.period_steps
+      due = (step // self.period_steps > last // self.period_steps or
+             (self.final_step is not None and
+              last < self.final_step <= step))
     if due and step > 0:
       self.run_and_record(step, outputs)
 

@@ -28,6 +28,12 @@ import checkpoints
 
 FLAGS = flags.FLAGS
 
+# --linear_head_optimizer: 'shared' trains the linear head with the encoder's
+# optimizer (the original); the others are the head's own optimizer
+# (lars_optimizer.build_optimizer names).
+LINEAR_HEAD_SHARED = 'shared'
+LINEAR_HEAD_OPTIMIZERS = (LINEAR_HEAD_SHARED, 'momentum', 'adam')
+
 
 class ConfigError(ValueError):
   """A setting that cannot work; reported without a traceback."""
@@ -114,6 +120,33 @@ def define_flags(flag_values=FLAGS):
   DEFINE_enum('optimizer', 'lars', ['momentum', 'adam', 'lars'],
               'Optimizer to use.')
   DEFINE_float('momentum', 0.9, 'Momentum parameter.')
+  DEFINE_enum('linear_head_optimizer', 'shared',
+              list(LINEAR_HEAD_OPTIMIZERS),
+              'Pretraining with --lineareval_while_pretraining only: who '
+              'trains the linear head on the stop-gradient features. shared '
+              '(the original): the encoder\'s --optimizer and learning rate, '
+              'with --weight_decay as a loss term. momentum (Nesterov SGD, '
+              '--momentum) or adam: an optimizer of its own with '
+              '--linear_head_learning_rate (the same warm-up and cosine '
+              'shape and --learning_rate_scaling as the encoder) and '
+              '--linear_head_weight_decay; the encoder\'s optimizer then '
+              'never sees the head. Not with --train_mode=finetune (the '
+              'head is the model being trained) nor --precision=float16.')
+  DEFINE_bool('linear_head_batch_norm', False,
+              'Pretraining with --lineareval_while_pretraining only: '
+              'standardise the linear head\'s stop-gradient features with a '
+              'BN without scale and offset (its moving statistics are '
+              'checkpointed with the head), as evaluate.py standardises '
+              'them for its logistic regression.')
+  DEFINE_float('linear_head_learning_rate', 0.01,
+               'Base learning rate of the linear head with '
+               '--linear_head_optimizer=momentum|adam (scaled by '
+               '--learning_rate_scaling, warmed up and cosine-decayed as '
+               '--learning_rate). The default is the quick start\'s '
+               'measured rate for adam.')
+  DEFINE_float('linear_head_weight_decay', 0.0,
+               'wd·½‖w‖² over the linear head\'s kernel and bias, in the '
+               'loss, with --linear_head_optimizer=momentum|adam.')
   DEFINE_string('eval_name', None, 'Name of this evaluation: summaries '
                 'go to model_dir/eval_<name> instead of model_dir/eval.')
   DEFINE_integer('keep_checkpoint_max', 5,
@@ -215,6 +248,11 @@ def define_flags(flag_values=FLAGS):
               'FNC: pull false negatives in as positives (attraction, '
               'the released code) or drop them from the negatives '
               '(elimination).')
+  DEFINE_float('fnc_warmup_epochs', 0.0, 'FNC: cancel no false negatives '
+               '(plain multi-view contrastive loss) during the first '
+               'ceil(fnc_warmup_epochs*N/B) steps, then FNC; the scores are '
+               'reported (fn_score_*) all along. 0 = cancel from the first '
+               'step (the release).')
 
   # --- IFND ---
   DEFINE_list('ifnd_num_clusters', ['10', '30', '100'], 'IFND: one '
@@ -324,8 +362,9 @@ def define_feature_eval_flags(flag_values=FLAGS):
   DEFINE_integer('linear_max_iter', 1000, 'L-BFGS iterations per fit.')
   DEFINE_integer('tsne_examples', 2000, 'Test examples in the t-SNE plot.')
   DEFINE_string('output_dir', None, 'Where feature_eval.json (and tsne.png) '
-                'go; default: --model_dir, else the checkpoint or SavedModel '
-                'directory.')
+                'go; default: the evaluated SavedModel or checkpoint '
+                'directory; a random encoder or raw pixels needs '
+                '--output_dir (or --model_dir).')
 
 
 define_flags(FLAGS)
@@ -375,15 +414,21 @@ class ModelConfig:
   precision: Optional[str] = None  # None: bfloat16 on TPU, else float32
   num_classes: int = 0  # 0: from the dataset
   lineareval_while_pretraining: bool = True
+  linear_head_batch_norm: bool = False
   fine_tune_after_block: int = -1
   zero_init_logits_layer: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
 class OptimizerConfig:
+  """The encoder's optimizer and, with linear_head_optimizer other than
+  'shared' (pretraining only), the linear head's own."""
   name: str = 'lars'
   momentum: float = 0.9
   weight_decay: float = 1e-6
+  linear_head_optimizer: str = 'shared'  # LINEAR_HEAD_OPTIMIZERS
+  linear_head_learning_rate: float = 0.01
+  linear_head_weight_decay: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -462,6 +507,7 @@ class FNCConfig(MemoryConfig):
   topk: int = 10
   threshold: float = 0.7
   strategy: str = 'attraction'
+  warmup_epochs: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -579,7 +625,8 @@ def _fnc_config(fv):
                    support_size=fv.support_size,
                    memory_multiplier=_memory_multiplier(fv, 16),
                    momentum_decay=fv.moving_average_decay, topk=fv.fn_topk,
-                   threshold=fv.fn_threshold, strategy=fv.fn_strategy)
+                   threshold=fv.fn_threshold, strategy=fv.fn_strategy,
+                   warmup_epochs=fv.fnc_warmup_epochs)
 
 
 def _ifnd_config(fv):
@@ -684,8 +731,9 @@ IDENTITY_FLAGS = (
     'train_batch_size', 'image_size', 'resnet_depth', 'width_multiplier',
     'sk_ratio', 'se_ratio', 'proj_head_mode', 'proj_out_dim',
     'num_proj_layers', 'num_classes', 'lineareval_while_pretraining',
-    'optimizer', 'memory_multiplier', 'support_size', 'dcl_u_store',
-    'ifnd_num_clusters')  # --DCL_mode and its older names: via objective
+    'linear_head_batch_norm',
+    'optimizer', 'linear_head_optimizer', 'memory_multiplier',
+    'support_size', 'dcl_u_store', 'ifnd_num_clusters')  # --DCL_mode and its older names: via objective
 
 # --distribution_strategy values (official.common.distribute_utils).
 STRATEGIES = ('one_device', 'mirrored', 'multi_worker_mirrored', 'tpu', 'off')
@@ -739,13 +787,54 @@ def map_legacy_switches(fv):
   return errors
 
 
+def _linear_head_errors(fv):
+  """--linear_head_*: the head's own optimizer needs a head trained
+  alongside pretraining, and its flags mean nothing without it."""
+  errors = []
+  own = fv.linear_head_optimizer != LINEAR_HEAD_SHARED
+  if fv.linear_head_batch_norm and (fv.train_mode != 'pretrain' or
+                                    not fv.lineareval_while_pretraining):
+    errors.append('--linear_head_batch_norm standardises the features of '
+                  'the head trained while pretraining: it needs '
+                  '--train_mode=pretrain and '
+                  '--lineareval_while_pretraining=true.')
+  if own and fv.train_mode != 'pretrain':
+    errors.append(f'--linear_head_optimizer={fv.linear_head_optimizer} '
+                  'applies to pretraining only; with --train_mode=finetune '
+                  'the supervised head is trained with the network by '
+                  '--optimizer (use --linear_head_optimizer=shared).')
+  elif own and not fv.lineareval_while_pretraining:
+    errors.append(f'--linear_head_optimizer={fv.linear_head_optimizer} '
+                  'trains the linear head of '
+                  '--lineareval_while_pretraining=true, which is false.')
+  if own and fv.precision == 'float16':
+    errors.append(f'--linear_head_optimizer={fv.linear_head_optimizer} '
+                  'cannot run with --precision=float16: the dynamic loss '
+                  'scale belongs to the encoder\'s optimizer alone. Use '
+                  '--linear_head_optimizer=shared, or bfloat16 / float32.')
+  if not own:
+    for name in ('linear_head_learning_rate', 'linear_head_weight_decay'):
+      if _flag_given(fv, name):
+        errors.append(f'--{name} is used only with --linear_head_optimizer='
+                      'momentum or adam (it is shared, the encoder\'s '
+                      'optimizer trains the head).')
+  if fv.linear_head_learning_rate <= 0:
+    errors.append(f'--linear_head_learning_rate='
+                  f'{fv.linear_head_learning_rate} must be positive.')
+  if fv.linear_head_weight_decay < 0:
+    errors.append('--linear_head_weight_decay must not be negative.')
+  return errors
+
+
 def validate_flags(flag_values=FLAGS):
   """Rejects flag combinations that cannot work, naming the flags."""
   fv = flag_values
   errors = map_legacy_switches(fv)
   if not fv.model_dir:
     errors.append('--model_dir is required (checkpoints, summaries and '
-                  'results are written there).')
+                  'results are written there; no config sets it): pass a '
+                  'directory of your own, e.g. --model_dir=/tmp/quickstart '
+                  '(an existing one is resumed).')
   for name in ('train_batch_size', 'eval_batch_size', 'image_size',
                'checkpoint_epochs', 'proj_out_dim'):
     if getattr(fv, name) <= 0:
@@ -814,6 +903,7 @@ def validate_flags(flag_values=FLAGS):
                   'pretraining only trains with '
                   '--lineareval_while_pretraining=true (or use '
                   '--train_mode=finetune, or --mode=train).')
+  errors += _linear_head_errors(fv)
   if fv.train_summary_steps is not None and fv.train_summary_steps < 0:
     errors.append('--train_summary_steps must not be negative.')
   if fv.knn_eval_epochs < 0:

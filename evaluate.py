@@ -1,8 +1,8 @@
 r"""Frozen-feature evaluation: the protocols, the online kNN monitor and the
 evaluate.py command line.
 
-  python evaluate.py --flagfile=configs/quickstart.cfg --checkpoint=runs/quickstart
-  python evaluate.py --saved_model=runs/quickstart/saved_model/225 \
+  python evaluate.py --flagfile=configs/quickstart.cfg --checkpoint=/tmp/quickstart
+  python evaluate.py --saved_model=/tmp/quickstart/saved_model/225 \
       --dataset=digits --image_size=16 --eval_split=test --protocols=knn,linear,tsne
 
 Owns:
@@ -245,50 +245,80 @@ def _logistic_regression_eval(train_x, train_y, test_x, test_y, grid,
 # ---------------------------------------------------------------------------
 
 
-class KnnMonitor(actions.PeriodicAction):
-  """kNN top-1/top-5 of the current encoder every `period_steps` steps.
+class KnnProbe:
+  """The kNN protocol (`knn_eval`) on the current weights of a model.
 
-  An orbit train action with the `actions.PeriodicAction` due rule (at the
-  first host-loop boundary at or after each multiple). Memory bank: ResNet features of
-  the training split, queries: the eval split, both with the eval
-  preprocessing, exactly as `evaluate.py`'s offline kNN; the features are
-  computed under `strategy` (`features.FeatureExtractor`) from the
-  distributed one-pass datasets that `train_dataset_fn` and
-  `eval_dataset_fn` return (`features.pass_dataset_fn`). Results go to
-  TensorBoard (`summary_dir`, tags knn/top_1_accuracy, knn/top_5_accuracy),
-  to the log, and to `history_path` (a JSON list, one record per step,
-  appended across restarts).
+  Memory bank: ResNet features of the training split, queries: the eval
+  split, both with the eval preprocessing, exactly as `evaluate.py`'s
+  offline kNN; the features are computed under `strategy`
+  (`features.FeatureExtractor`) from the distributed one-pass datasets that
+  `train_dataset_fn` and `eval_dataset_fn` return (`features.pass_dataset_fn`).
+  Used by `KnnMonitor` during pretraining and for the final encoder's kNN
+  at the end of a pretraining run (experiment.py).
   """
 
-  def __init__(self, model, global_step, train_dataset_fn, eval_dataset_fn,
-               period_steps, steps_per_epoch=None, k=200, temperature=0.1,
-               num_classes=None, strategy=None, history_path=None,
-               summary_dir=None):
-    super().__init__(global_step, period_steps, history_path=history_path,
-                     summary_dir=summary_dir)
+  def __init__(self, model, train_dataset_fn, eval_dataset_fn, k=200,
+               temperature=0.1, num_classes=None, strategy=None):
     self.extract = features.FeatureExtractor(
         strategy or tf.distribute.get_strategy(),
         features.model_encoder(model, 0))
     self.train_dataset_fn = train_dataset_fn
     self.eval_dataset_fn = eval_dataset_fn
-    self.steps_per_epoch = steps_per_epoch
     self.k = k
     self.temperature = temperature
     self.num_classes = num_classes
 
-  def run(self, step, outputs):
-    """Evaluates at `step`; returns the history record."""
-    del outputs
+  def __call__(self):
+    """`knn_eval`'s result without 'protocol', plus 'seconds' (extraction
+    of both splits and the vote) and 'extraction_seconds'."""
     start = time.time()
     train_x, train_y = self.extract(self.train_dataset_fn())
     test_x, test_y = self.extract(self.eval_dataset_fn())
+    extracted = time.time()
     result = knn_eval(train_x, train_y, test_x, test_y, self.k,
                       self.temperature, self.num_classes)
     result.pop('protocol')
+    result['extraction_seconds'] = round(extracted - start, 2)
+    result['seconds'] = round(time.time() - start, 2)
+    return result
+
+
+class KnnMonitor(actions.PeriodicAction):
+  """kNN top-1/top-5 (`KnnProbe`) of the current encoder every
+  `period_steps` steps and at `final_step`.
+
+  An orbit train action with the `actions.PeriodicAction` due rule (at the
+  first host-loop boundary at or after each multiple, and after the loop
+  that reaches `final_step`, the run's train_steps, which is rarely a
+  multiple). Results go to TensorBoard (`summary_dir`, tags
+  knn/top_1_accuracy, knn/top_5_accuracy), to the log, and to
+  `history_path` (a JSON list, one record per step, appended across
+  restarts); `scored[step]` keeps this process's records.
+  """
+
+  def __init__(self, model, global_step, train_dataset_fn, eval_dataset_fn,
+               period_steps, steps_per_epoch=None, k=200, temperature=0.1,
+               num_classes=None, strategy=None, history_path=None,
+               summary_dir=None, final_step=None):
+    super().__init__(global_step, period_steps, history_path=history_path,
+                     summary_dir=summary_dir, final_step=final_step)
+    self.probe = KnnProbe(model, train_dataset_fn, eval_dataset_fn, k,
+                          temperature, num_classes, strategy)
+    self.steps_per_epoch = steps_per_epoch
+    self.k = k
+    self.temperature = temperature
+    # {step: record} of this process only: every worker of a multi-worker
+    # run has the same (the history file is the chief's), so reusing one
+    # never leaves a worker alone in a collective pass.
+    self.scored = {}
+
+  def run(self, step, outputs):
+    """Evaluates at `step`; returns the history record."""
+    del outputs
+    result = self.probe()
     result['step'] = step
     if self.steps_per_epoch:
       result['epoch'] = step / self.steps_per_epoch
-    result['seconds'] = round(time.time() - start, 2)
     logging.info('kNN monitor at step %d: top-1 %.4f, top-5 %.4f (k=%d, '
                  'temperature %g, %d train / %d eval examples, %.1f s).',
                  step, result['top_1'], result['top_5'], result['k'],
@@ -296,6 +326,7 @@ class KnnMonitor(actions.PeriodicAction):
                  result['seconds'])
     self.write_scalars(step, {'knn/top_1_accuracy': result['top_1'],
                               'knn/top_5_accuracy': result['top_5']})
+    self.scored[step] = result
     return result
 
 
@@ -305,11 +336,20 @@ class KnnMonitor(actions.PeriodicAction):
 
 
 def _output_dir(feature_cfg, checkpoint, model_dir):
-  output_dir = feature_cfg.output_dir or model_dir or feature_cfg.saved_model
-  if not output_dir and checkpoint:
-    output_dir = (checkpoint if tf.io.gfile.isdir(checkpoint)
-                  else os.path.dirname(checkpoint))
-  return output_dir
+  """Where feature_eval.json goes: --output_dir, else next to the evaluated
+  encoder (the SavedModel's directory, the checkpoint's directory or the
+  directory a checkpoint prefix is in), else --model_dir (a random encoder
+  or raw pixels; a --flagfile's model_dir is never used for an encoder that
+  has its own directory). None: none of them."""
+  if feature_cfg.output_dir:
+    return feature_cfg.output_dir
+  if feature_cfg.feature_layer != PIXELS:
+    if feature_cfg.saved_model:
+      return feature_cfg.saved_model
+    if checkpoint:
+      return (checkpoint if tf.io.gfile.isdir(checkpoint)
+              else os.path.dirname(checkpoint) or '.')
+  return model_dir
 
 
 def _load_source(data_cfg):
@@ -381,8 +421,10 @@ def evaluate_features(data_cfg, model_cfg, knn_cfg, feature_cfg,
     raise config.ConfigError(f'unknown --protocols {sorted(unknown)}.')
   output_dir = _output_dir(feature_cfg, checkpoint, model_dir)
   if not output_dir:
-    raise config.ConfigError('pass --output_dir (or --model_dir) for a '
-                             'random encoder or raw pixels.')
+    raise config.ConfigError(
+        'a random encoder or raw pixels has no directory of its own for '
+        'feature_eval.json: pass --output_dir=DIR (or --model_dir=DIR), e.g. '
+        '--output_dir=/tmp/feature_eval.')
   strategy = strategy or tf.distribute.get_strategy()
   replicas = strategy.num_replicas_in_sync
   if data_cfg.eval_batch_size % replicas:

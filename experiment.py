@@ -8,6 +8,7 @@
   plan_steps        train steps, epoch, checkpoint and host-loop lengths
   build_model       ResNet + heads (and the momentum encoder when needed)
   build_optimizer   LARS / momentum / Adam with warm-up + cosine decay
+  build_linear_head the linear head's own optimizer (--linear_head_optimizer)
 
 and then owns what they make: the checkpoint (model, optimizer and every
 piece of objective state), the orbit controller with its train actions
@@ -191,7 +192,8 @@ def build_model(cfg, num_classes, precision='float32'):
       lineareval_while_pretraining=m.lineareval_while_pretraining,
       fine_tune_after_block=m.fine_tune_after_block,
       batch_norm_decay=m.batch_norm_decay, global_bn=m.global_bn,
-      precision=precision)
+      precision=precision,
+      linear_head_batch_norm=m.linear_head_batch_norm)
 
 
 def build_optimizer(cfg, num_train_examples, train_steps, precision='float32'):
@@ -209,6 +211,30 @@ def build_optimizer(cfg, num_train_examples, train_steps, precision='float32'):
   if precision == 'float16':
     optimizer = tf_keras.mixed_precision.LossScaleOptimizer(optimizer)
   return optimizer
+
+
+# The checkpoint key of the linear head's own optimizer.
+LINEAR_HEAD_OPTIMIZER_KEY = 'linear_head_optimizer'
+
+
+def build_linear_head(cfg, num_train_examples, train_steps):
+  """The `trainer.LinearHead` of --linear_head_optimizer (call inside the
+  strategy scope), or None when the encoder's optimizer trains the head
+  (shared). Its learning rate has the encoder's warm-up and cosine shape
+  and --learning_rate_scaling, with base --linear_head_learning_rate; its
+  decay is a loss term (`trainer.weight_decay_loss`)."""
+  opt = cfg.optimizer
+  if opt.linear_head_optimizer == config_lib.LINEAR_HEAD_SHARED:
+    return None
+  schedule = lars_optimizer.WarmUpAndCosineDecay(
+      opt.linear_head_learning_rate, num_train_examples,
+      cfg.data.train_batch_size, warmup_epochs=cfg.schedule.warmup_epochs,
+      total_steps=train_steps,
+      learning_rate_scaling=cfg.schedule.learning_rate_scaling)
+  optimizer = lars_optimizer.build_optimizer(
+      opt.linear_head_optimizer, schedule, momentum=opt.momentum)
+  return trainer_lib.LinearHead(optimizer, opt.linear_head_optimizer,
+                                opt.linear_head_weight_decay)
 
 
 def _inside(directory, name):
@@ -281,6 +307,8 @@ class Experiment:
         self.momentum_encoder(dummy, training=False)
       self.optimizer = build_optimizer(cfg, self.data.num_train_examples,
                                        self.steps.train_steps, self.precision)
+      self.linear_head = build_linear_head(
+          cfg, self.data.num_train_examples, self.steps.train_steps)
       state = {}
       if self.objective is not None:
         self.objective.build(
@@ -289,6 +317,8 @@ class Experiment:
         state = dict(self.objective.checkpoint_items())
       if self.momentum_encoder is not None:
         state['momentum_encoder'] = self.momentum_encoder
+      if self.linear_head is not None:
+        state[LINEAR_HEAD_OPTIMIZER_KEY] = self.linear_head.optimizer
       # The example order and augmentations derive from this seed and the
       # step (data.build_input_fn), so a resumed run continues its epoch.
       self.input_seed = tf.Variable(
@@ -322,6 +352,7 @@ class Experiment:
     self.checkpoint_manager = self._checkpoint_manager()
     self.actions = []  # the train actions of the last controller
     self.trainer = None
+    self.knn_monitor = None  # its evaluate.KnnMonitor (--knn_eval_epochs)
     self.preemption_guard = None
 
   # --- The model_dir. ---
@@ -538,7 +569,7 @@ class Experiment:
       train_actions.append(self.preemption_guard)
     output_dir = self.output_dir
     if steps.knn_eval_steps:
-      train_actions.append(evaluate.KnnMonitor(
+      self.knn_monitor = evaluate.KnnMonitor(
           self.model, self.global_step,
           self.pass_dataset_fn(cfg.data.train_split),
           self.pass_dataset_fn(cfg.data.eval_split), steps.knn_eval_steps,
@@ -546,7 +577,8 @@ class Experiment:
           temperature=cfg.evaluation.knn_temperature,
           num_classes=self.data.num_classes, strategy=self.strategy,
           history_path=_inside(output_dir, 'knn_monitor.json'),
-          summary_dir=_inside(output_dir, 'knn')))
+          summary_dir=_inside(output_dir, 'knn'), final_step=steps.train_steps)
+      train_actions.append(self.knn_monitor)
     if self.objective is not None:
       train_actions.extend(self.objective.train_actions(self.train_context()))
     return train_actions
@@ -583,7 +615,8 @@ class Experiment:
           momentum_encoder=self.momentum_encoder,
           skip_nonfinite=cfg.schedule.skip_nonfinite_steps > 0,
           stop_within_loop=not self.multi_worker,
-          jit_compile=cfg.distribution.jit_compile)
+          jit_compile=cfg.distribution.jit_compile,
+          linear_head=self.linear_head)
       self.trainer = trainer
       train_actions = self.train_actions()
     self.actions = train_actions
@@ -592,7 +625,8 @@ class Experiment:
           self.strategy, self.model,
           self.pass_dataset_fn(cfg.data.eval_split)(), self.data.num_classes,
           optimizer_name=cfg.optimizer.name,
-          weight_decay=cfg.optimizer.weight_decay)
+          weight_decay=cfg.optimizer.weight_decay,
+          linear_head=self.linear_head)
     # Training scalars: every host loop (--train_summary_steps unset), none
     # (0), or at the first loop boundary at or after each multiple of it.
     summary_steps = cfg.schedule.train_summary_steps
@@ -699,11 +733,16 @@ class Experiment:
       if not self.is_chief:
         tf.io.gfile.rmtree(root)
 
-  def evaluate(self, controller):
+  def evaluate(self, controller, with_knn=False):
     """Evaluates the current weights; writes result.json, result_<step>.json
-    and flags.json."""
+    and flags.json. `with_knn` (the end of a pretraining run): also the
+    final encoder's kNN (`final_knn`), printed next to the head's accuracy
+    and kept in the results as knn_top_1_accuracy / knn_top_5_accuracy."""
     cfg = self.config
-    outputs = controller.evaluate(steps=cfg.evaluation.eval_steps or -1)
+    # The pass's own length, not -1 (to its end, which TF logs as an abort).
+    outputs = controller.evaluate(
+        steps=cfg.evaluation.eval_steps or
+        features.pass_steps(controller.evaluator.eval_dataset, self.strategy))
     step = int(self.global_step.numpy())
     result = {k: float(v) for k, v in outputs.items()}
     result['global_step'] = step
@@ -713,17 +752,46 @@ class Experiment:
           f'The eval pass scored {int(result["num_examples"])} of the '
           f'{expected} examples of --eval_split={cfg.data.eval_split}; '
           'every example must be scored once (input sharding bug).')
+    knn = self.final_knn() if with_knn else None
+    if knn is not None:
+      result.update(knn_top_1_accuracy=knn['top_1'],
+                    knn_top_5_accuracy=knn['top_5'], knn_k=knn['k'],
+                    knn_temperature=knn['temperature'])
     logging.info('Eval at step %d: %s', step, result)
     if self.is_chief:
       model_dir = cfg.checkpoint.model_dir
       for name in ('result.json', f'result_{step}.json'):
         checkpoints.write_json(os.path.join(model_dir, name), result)
-    print(f'Eval at step {step}: top-1 accuracy '
-          f'{result["label_top_1_accuracy"]:.4f}, top-5 accuracy '
-          f'{result["label_top_5_accuracy"]:.4f} '
-          f'({int(result["num_examples"])} examples of '
-          f'{cfg.data.eval_split}).')
+    head = ('linear head trained alongside (not a linear evaluation)'
+            if cfg.train_mode == 'pretrain' else 'fine-tuned classifier')
+    knn_text = (f'; kNN (k={knn["k"]}, τ={knn["temperature"]:g}) of the '
+                f'final encoder: top-1 {knn["top_1"]:.4f}, top-5 '
+                f'{knn["top_5"]:.4f}' if knn is not None else '')
+    print(f'Eval at step {step} ({int(result["num_examples"])} examples of '
+          f'{cfg.data.eval_split}): {head}: top-1 '
+          f'{result["label_top_1_accuracy"]:.4f}, top-5 '
+          f'{result["label_top_5_accuracy"]:.4f}{knn_text}.')
     return result
+
+  def final_knn(self):
+    """The kNN result (`evaluate.KnnProbe`, the monitor's protocol and
+    --knn_k / --knn_temperature) of the current weights, for the end of a
+    pretraining run: the monitor's record of this step when it scored it in
+    this process (it always scores train_steps), else one pass now. None
+    when not pretraining."""
+    if self.objective is None:
+      return None
+    step = int(self.global_step.numpy())
+    if self.knn_monitor is not None:
+      record = self.knn_monitor.scored.get(step)
+      if record is not None:
+        return record
+    cfg = self.config
+    return evaluate.KnnProbe(
+        self.model, self.pass_dataset_fn(cfg.data.train_split),
+        self.pass_dataset_fn(cfg.data.eval_split), k=cfg.evaluation.knn_k,
+        temperature=cfg.evaluation.knn_temperature,
+        num_classes=self.data.num_classes, strategy=self.strategy)()
 
   def preview(self):
     """model_dir/preview.png: augmented training views, one row per image."""

@@ -154,6 +154,27 @@ def build_pass_input_fn(source, split, global_batch_size, image_size):
   return input_fn
 
 
+def pass_steps(dataset, strategy):
+  """The number of global batches of a `build_pass_input_fn` dataset
+  distributed over `strategy`: the cardinality (known: the padding fixes
+  it) of this host's pipeline, which holds one batch per local replica and
+  step."""
+  cardinality = dataset.cardinality
+  local_replicas = 1
+  if callable(cardinality):  # a tf.data.Dataset (the default strategy)
+    cardinality = cardinality()
+  else:
+    local_replicas = len(strategy.extended.worker_devices)
+  steps = int(cardinality)
+  if steps >= 0:
+    steps //= local_replicas
+  if steps < 0:
+    raise ValueError('A feature pass needs a dataset of known length '
+                     f'(features.build_pass_input_fn); got cardinality '
+                     f'{steps}.')
+  return steps
+
+
 def pass_dataset_fn(strategy, source, split, global_batch_size, image_size):
   """() -> a new distributed `build_pass_input_fn` pass over `split` (one
   input pipeline per host, sharded through its InputContext)."""
@@ -204,8 +225,11 @@ class FeatureExtractor:
     if self._step is None:
       self._step = self._gathered_step()
     feats, labels, ids = [], [], []
-    for batch in dataset:
-      x, i, y = (t.numpy() for t in self._step(batch))
+    # Exactly its known number of batches: iterating to the end would make
+    # TF log an OUT_OF_RANGE abort at the end of every pass.
+    iterator = iter(dataset)
+    for _ in range(pass_steps(dataset, self.strategy)):
+      x, i, y = (t.numpy() for t in self._step(next(iterator)))
       keep = i >= 0
       feats.append(x[keep])
       ids.append(i[keep])

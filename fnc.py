@@ -59,6 +59,7 @@ purpose:
   usually identified as false negatives, hence attracted or eliminated.
 """
 
+import math
 from typing import NamedTuple
 
 import tensorflow as tf
@@ -119,6 +120,89 @@ def identify_false_negatives(queries, candidates, own_columns, num_views,
   return tf.stop_gradient(mask), tf.stop_gradient(scores)
 
 
+# Candidate-score statistics (metrics): quantiles from a histogram of
+# SCORE_BINS equal bins over the cosine range [−1, 1] (resolution 0.002).
+SCORE_QUANTILES = (0.5, 0.9, 0.99)
+SCORE_BINS = 1000
+
+
+def histogram_quantiles(values, valid, quantiles, num_bins=SCORE_BINS,
+                        value_range=(-1.0, 1.0)):
+  """Quantiles of the valid entries of `values` from a fixed-width histogram.
+
+  O(n) (one segment sum, no sort): the q-quantile is interpolated linearly
+  inside the bin where the cumulative count reaches q·n, so it is within one
+  bin width (value_range / num_bins) of the exact quantile of the empirical
+  distribution (the smallest value with at least q·n values ≤ it: NumPy's
+  method='inverted_cdf'). Values outside value_range count in the end bins.
+
+  Args:
+    values: float tensor of any shape.
+    valid: bool tensor of the same shape (False = ignored).
+    quantiles: python floats in [0, 1].
+    num_bins, value_range: the histogram.
+
+  Returns:
+    [len(quantiles)] float32; NaN when no entry is valid.
+  """
+  low, high = value_range
+  width = (high - low) / num_bins
+  values = tf.reshape(tf.cast(values, tf.float32), [-1])
+  valid = tf.reshape(valid, [-1])
+  index = tf.clip_by_value(
+      tf.cast(tf.floor((values - low) / width), tf.int32), 0, num_bins - 1)
+  index = tf.where(valid, index, num_bins)  # the dropped extra segment
+  counts = tf.math.unsorted_segment_sum(
+      tf.ones_like(index), index, num_bins + 1)[:num_bins]
+  counts = tf.cast(counts, tf.float32)
+  cumulative = tf.cumsum(counts)
+  total = cumulative[-1]
+  target = tf.constant(quantiles, tf.float32) * total        # [Q]
+  # The first bin whose cumulative count reaches the target.
+  bin_index = tf.reduce_sum(tf.cast(
+      cumulative[tf.newaxis, :] < target[:, tf.newaxis], tf.int32), axis=1)
+  bin_index = tf.minimum(bin_index, num_bins - 1)
+  before = tf.gather(cumulative - counts, bin_index)
+  inside = tf.math.divide_no_nan(target - before,
+                                 tf.gather(counts, bin_index))
+  result = low + width * (tf.cast(bin_index, tf.float32) + inside)
+  return tf.where(total > 0, result, float('nan'))
+
+
+def score_metrics(scores, fn_topk, fn_threshold):
+  """Scalars of the identification scores of `identify_false_negatives`
+  ([b, C], excluded columns at −1e9), for the metrics: fn_score_p50 / p90
+  / p99 (`histogram_quantiles` over every valid (image, candidate) pair),
+  fn_score_max (exact) and fn_kth_margin, the mean over images of (the
+  fn_topk-th best score − fn_threshold): > 0 means the top-k cap, not the
+  threshold, decides how many false negatives an image gets."""
+  valid = scores > -objective.LARGE_NUM / 2
+  quantiles = histogram_quantiles(scores, valid, SCORE_QUANTILES)
+  top = tf.cast(tf.reduce_max(scores), tf.float32)
+  # (interpolation may pass the largest score by less than a bin: capped)
+  metrics = {f'fn_score_p{round(100 * q)}': tf.minimum(quantiles[i], top)
+             for i, q in enumerate(SCORE_QUANTILES)}
+  metrics['fn_score_max'] = top
+  kth = tf.math.top_k(scores, k=fn_topk).values[:, -1]
+  metrics['fn_kth_margin'] = tf.cast(
+      tf.reduce_mean(kth) - fn_threshold, tf.float32)
+  return metrics
+
+
+def positive_score(views, num_views):
+  """What a real other view scores under identification's rule, to read the
+  candidate scores against (metric fn_positive_score): for every view w of
+  every image, max over the image's other views v ≠ w of cos(view_v,
+  view_w), averaged ([V·b, d] view-major: identification's queries, the
+  online views or in memory mode the keys; normalised here, no gradient).
+  With V = 2: the mean cosine of the two views."""
+  views = tf.math.l2_normalize(tf.stop_gradient(views), -1)
+  per_view = tf.stack(tf.split(views, num_views, axis=0))        # [V, b, d]
+  gram = tf.einsum('vbd,wbd->bvw', per_view, per_view)           # [b, V, V]
+  gram -= tf.eye(num_views, dtype=gram.dtype) * 3.0  # never the view itself
+  return tf.cast(tf.reduce_mean(tf.reduce_max(gram, axis=1)), tf.float32)
+
+
 class FNCResult(NamedTuple):
   """Outputs of `fnc_terms` (local rows; C = number of candidate columns)."""
   loss: tf.Tensor            # scalar FNC loss of the replica
@@ -129,22 +213,30 @@ class FNCResult(NamedTuple):
 
 def fnc_column_terms(views, columns, num_views, temperature, fn_topk,
                      fn_threshold, strategy='attraction', labels=None,
-                     column_labels=None, unit_rows=False):
+                     column_labels=None, unit_rows=False, cancel=None):
   """`fnc_terms` against columns already gathered (`objective.
   contrast_columns`); column_labels [C] (`objective.values_per_column`)
   with labels, for the metrics only; unit_rows as `objective.
-  contrast_logits`."""
+  contrast_logits`. cancel: None (always) or a bool scalar tensor; False
+  cancels nothing (F = ∅: the loss is the plain multi-view contrastive loss,
+  NT-Xent with V = 2; the FNC warm-up), the scores are still computed and
+  reported."""
   if strategy not in STRATEGIES:
     raise ValueError(f'fn_strategy must be one of {STRATEGIES}, got '
                      f'{strategy!r}.')
-  fn_mask, _ = identify_false_negatives(
+  fn_mask, scores = identify_false_negatives(
       columns.queries, columns.candidates, columns.own_image, num_views,
       fn_topk, fn_threshold, columns.valid)
+  if cancel is not None:
+    fn_mask = tf.logical_and(fn_mask, cancel)
   loss, metrics = objective.cancellation_terms(
       views, columns, num_views, temperature, fn_mask[tf.newaxis], strategy,
       unit_rows)
   fn_count = tf.reduce_sum(tf.cast(fn_mask, tf.float32), axis=1)
   metrics['fn_per_anchor'] = tf.reduce_mean(fn_count)
+  if not (isinstance(fn_topk, int) and fn_topk == 0):  # else not scored
+    metrics.update(score_metrics(scores, fn_topk, fn_threshold))
+  metrics['fn_positive_score'] = positive_score(columns.queries, num_views)
   if labels is not None:
     metrics.update(objective.false_negative_label_metrics(
         fn_mask, labels, column_labels))
@@ -176,6 +268,10 @@ def fnc_terms(views, num_views, temperature, fn_topk, fn_threshold,
     FNCResult (loss: `objective.cancellation_terms` with the one mask F).
     metrics: contrast_loss; contrast_acc, contrast_entropy
     (`objective.cancellation_metrics`); fn_per_anchor (mean |F| per image);
+    fn_score_p50 / p90 / p99 / max and fn_kth_margin (`score_metrics`, the
+    distribution of the identification scores; not when fn_topk = 0);
+    fn_positive_score (`positive_score`, what another view of the same
+    image scores);
     with labels also fn_true_per_anchor and fn_label_acc
     (`objective.false_negative_label_metrics`).
   """
@@ -222,18 +318,26 @@ class FNC(objective.MemoryObjective):
   RandAugment (n = 2, m = 7) is on by default (`default_randaugment`).
   topk, threshold, strategy: identification and loss (`fnc_terms`'s
   fn_topk, fn_threshold, strategy).
+  warmup_epochs: cancel nothing (F = ∅, the plain multi-view contrastive
+  loss) until warmup_epochs·N examples have been trained on: the first
+  ⌈warmup_epochs·N / B⌉ steps (N training examples, global batch B); 0 =
+  from the first step. The steps trained are counted in `fnc_steps`
+  (created in `build` when warmup_epochs > 0, saved in checkpoints).
 
   Metrics: see `fnc_terms` (labels come from batch['label'] and are used
   for the identification metrics only).
   """
   metric_names = ('contrast_loss', 'contrast_acc', 'contrast_entropy',
-                  'fn_per_anchor', 'fn_true_per_anchor', 'fn_label_acc')
+                  'fn_per_anchor', 'fn_true_per_anchor', 'fn_label_acc',
+                  'fn_score_p50', 'fn_score_p90', 'fn_score_p99',
+                  'fn_score_max', 'fn_kth_margin', 'fn_positive_score')
   default_randaugment = True
   queue_name = 'fnc_queue'
 
   def __init__(self, temperature=0.1, hidden_norm=True, support_size=8,
                memory_multiplier=16, momentum_decay=0.999, topk=10,
-               threshold=0.7, strategy='attraction', name=None):
+               threshold=0.7, strategy='attraction', warmup_epochs=0.0,
+               name=None):
     super().__init__(temperature=temperature, hidden_norm=hidden_norm,
                      memory_multiplier=memory_multiplier,
                      momentum_decay=momentum_decay, name=name)
@@ -241,6 +345,23 @@ class FNC(objective.MemoryObjective):
     self.topk = topk
     self.threshold = threshold
     self.strategy = strategy
+    self.warmup_epochs = warmup_epochs
+    self.warmup_steps = 0
+    self.steps_trained = None
+
+  def build(self, num_train_examples, global_batch_size, projection_dim):
+    super().build(num_train_examples, global_batch_size, projection_dim)
+    if self.warmup_epochs > 0:
+      self.warmup_steps = math.ceil(
+          self.warmup_epochs * num_train_examples / global_batch_size)
+      self.steps_trained = objective.replicated_state(
+          tf.constant(0, tf.int64), 'fnc_steps')
+
+  def checkpoint_items(self):
+    items = dict(super().checkpoint_items())
+    if self.steps_trained is not None:
+      items['fnc_steps'] = self.steps_trained
+    return items
 
   @property
   def num_views(self):
@@ -266,6 +387,9 @@ class FNC(objective.MemoryObjective):
                     f'{", ".join(STRATEGIES)}.')
     if self.topk < 0:
       errors.append(f'--fn_topk={self.topk} must be ≥ 0.')
+    if not self.warmup_epochs >= 0:
+      errors.append(f'--fnc_warmup_epochs={self.warmup_epochs} must be '
+                    '≥ 0.')
     errors += super().validation_errors(global_batch_size,
                                         num_train_examples)
     multiplier, views = self.memory_multiplier, self.num_views
@@ -284,9 +408,18 @@ class FNC(objective.MemoryObjective):
     return errors
 
   def loss_on_columns(self, views, columns, batch):
+    cancel = None
+    if self.warmup_epochs > 0:
+      if self.steps_trained is None:
+        raise ValueError('FNC.build(...) must be called before loss() with '
+                         'warmup_epochs > 0.')
+      cancel = self.steps_trained.read_value() >= self.warmup_steps
     result = fnc_column_terms(
         views, columns, self.num_views, self.temperature, self.topk,
         self.threshold, self.strategy, labels=batch.get('label'),
         column_labels=self.batch_values_per_column(batch, 'label'),
-        unit_rows=self.hidden_norm)
+        unit_rows=self.hidden_norm, cancel=cancel)
+    if cancel is not None:
+      with tf.control_dependencies([cancel]):
+        self.steps_trained.assign_add(1)
     return result.loss, result.metrics

@@ -183,13 +183,30 @@ class ProjectionHead(tf_keras.layers.Layer):
 
 
 class SupervisedHead(tf_keras.layers.Layer):
-  """Linear classifier: Dense(num_classes) with bias, init N(0, 0.01²)."""
+  """Linear classifier: Dense(num_classes) with bias, init N(0, 0.01²).
 
-  def __init__(self, num_classes, name=SUPERVISED_HEAD_NAME, **kwargs):
+  `batch_norm` (--linear_head_batch_norm): the features are first
+  standardised by a BN without γ and β (batch statistics in training,
+  moving averages in inference; `batch_norm_decay`, `global_bn`), as
+  evaluate.py's logistic regression standardises them: ResNet features are
+  post-ReLU, with per-dimension means larger than their spread and a scale
+  that grows during pretraining, which a plain linear head fits badly.
+  """
+
+  def __init__(self, num_classes, batch_norm=False, batch_norm_decay=0.9,
+               global_bn=True, name=SUPERVISED_HEAD_NAME, **kwargs):
     super().__init__(name=name, **kwargs)
+    self.batch_norm = None
+    if batch_norm:
+      self.batch_norm = resnet.BatchNormRelu(
+          relu=False, center=False, scale=False,
+          batch_norm_decay=batch_norm_decay, global_bn=global_bn,
+          name='feature_norm')
     self.linear_layer = LinearLayer(num_classes, use_bias=True, use_bn=False)
 
   def call(self, inputs, training):
+    if self.batch_norm is not None:
+      inputs = self.batch_norm(inputs, training=training)
     return self.linear_layer(inputs, training=training)
 
 
@@ -248,12 +265,16 @@ class Model(tf_keras.models.Model):
                num_proj_layers=3, ft_proj_selector=0, train_mode='pretrain',
                lineareval_while_pretraining=True, fine_tune_after_block=-1,
                batch_norm_decay=0.9, global_bn=True, precision='float32',
-               **kwargs):
+               linear_head_batch_norm=False, **kwargs):
     with precision_policy(precision):
       super().__init__(**kwargs)
     if train_mode not in ('pretrain', 'finetune'):
       raise ValueError(f'Unknown train_mode {train_mode!r}; use pretrain or '
                        'finetune.')
+    if linear_head_batch_norm and train_mode != 'pretrain':
+      raise ValueError('linear_head_batch_norm standardises the features of '
+                       'the linear head trained while pretraining; '
+                       f'train_mode={train_mode} has none.')
     self.train_mode = train_mode
     # What MomentumEncoder needs to build a twin (read-only: not tracked).
     self._encoder_config = types.MappingProxyType(dict(
@@ -268,7 +289,9 @@ class Model(tf_keras.models.Model):
         **self._encoder_config)
     if train_mode == 'finetune' or lineareval_while_pretraining:
       with precision_policy(precision):
-        self.head_supervised = SupervisedHead(num_classes)
+        self.head_supervised = SupervisedHead(
+            num_classes, batch_norm=linear_head_batch_norm,
+            batch_norm_decay=batch_norm_decay, global_bn=global_bn)
     else:
       self.head_supervised = None
 

@@ -1,6 +1,6 @@
 r"""Contrastive pretraining, linear evaluation and fine-tuning.
 
-  python run.py --flagfile=configs/quickstart.cfg           # embedded digits
+  python run.py --flagfile=configs/quickstart.cfg --model_dir=/tmp/quickstart
   python run.py --dataset=cifar10 --data_dir=... --model_dir=...
 
 The flags (config.py) keep the names, meanings and defaults of the original
@@ -12,11 +12,13 @@ This module only turns flags into a config (`config.from_flags`), picks the
 strategy and dispatches --mode to an `experiment.Experiment`.
 """
 
+import logging as python_logging
 import os
 import sys
 import traceback
 
 from absl import app
+from absl import flags
 from absl import logging
 import tensorflow as tf
 import tf_keras
@@ -27,6 +29,40 @@ import guards
 from official.common import distribute_utils
 
 FLAGS = config_lib.FLAGS
+
+
+class _OrbitEchoFilter(python_logging.Filter):
+  """Drops the INFO records of orbit's controller: it logs each event line
+  ('train | step: …', 'saved checkpoint to …') and prints the same line to
+  stdout, so the log handler would show every one twice."""
+
+  def filter(self, record):
+    return not (record.levelno == python_logging.INFO and
+                record.pathname.endswith(os.path.join('orbit',
+                                                      'controller.py')))
+
+
+def setup_logging():
+  """One handler, one line per event: absl's handler on the root logger
+  (installed here, at INFO, when not running under absl.app, e.g. a
+  benchmark that calls `run` in-process; under app.run --verbosity rules),
+  TensorFlow's logger without its own handler (its records reach the root
+  handler; with both, each was shown twice), orbit's printed event lines
+  not logged again (`_OrbitEchoFilter`), and a line-buffered stdout so that
+  those prints stay in order with the log when both go to one pipe."""
+  if not flags.FLAGS.is_parsed():  # not under absl.app
+    flags.FLAGS.mark_as_parsed()  # absl then logs without a warning line
+    logging.set_verbosity(logging.INFO)
+  logging.use_absl_handler()
+  handler = logging.get_absl_handler()
+  if not any(isinstance(f, _OrbitEchoFilter) for f in handler.filters):
+    handler.addFilter(_OrbitEchoFilter())
+  tf_logger = tf.get_logger()
+  for own in list(tf_logger.handlers):
+    tf_logger.removeHandler(own)
+  tf_logger.propagate = True
+  if hasattr(sys.stdout, 'reconfigure'):  # not a replaced stream
+    sys.stdout.reconfigure(line_buffering=True)
 
 
 def build_strategy(distribution):
@@ -77,7 +113,7 @@ def run(cfg, strategy=None):
     if cfg.mode == 'train_then_eval':
       controller = experiment.controller(True, True)
       experiment.train(controller)
-      return experiment.evaluate(controller)
+      return experiment.evaluate(controller, with_knn=True)
     return evaluate_checkpoints(experiment)
   finally:
     experiment.close()
@@ -135,6 +171,7 @@ def _exit(code, message, verbose):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
+  setup_logging()
   run_from_flags(FLAGS)
 
 

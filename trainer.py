@@ -6,7 +6,9 @@ The trainer runs one optimisation step per batch on every replica:
 contrastive loss from the objective (pretraining), cross-entropy of the
 supervised head (linear eval while pretraining, or fine-tuning) and the
 explicit weight-decay term; the sum is divided by the number of replicas
-because gradients are summed across replicas (SPEC §4). With `jit_compile`
+because gradients are summed across replicas (SPEC §4). The linear head of
+pretraining is trained by the encoder's optimizer, or by its own
+(`LinearHead`, --linear_head_optimizer). With `jit_compile`
 (--jit_compile) that whole replica step is one XLA computation; it needs
 a one-device (or the default) strategy (`check_jit_compile`).
 
@@ -43,6 +45,59 @@ NONFINITE_TERMS = ('contrast_loss', 'supervised_loss', 'weight_decay', 'loss',
 
 def _mean_metric(name):
   return tf_keras.metrics.Mean(name)
+
+
+class LinearHead(NamedTuple):
+  """The linear head's own optimizer (--linear_head_optimizer other than
+  shared; pretraining with a supervised head only).
+
+  optimizer: applies the gradients of the model's `supervised_head`
+    variables, which the encoder's optimizer then never sees (it has no
+    slots for them); its `iterations` advance with the global step.
+  optimizer_name: 'momentum' or 'adam' (`lars_optimizer.build_optimizer`),
+    which decides the head's decay term (`weight_decay_loss`).
+  weight_decay: of that term.
+  """
+  optimizer: object
+  optimizer_name: str
+  weight_decay: float
+
+
+def head_variables(model):
+  """The trainable variables of the model's supervised head ([] without
+  one)."""
+  head = model.supervised_head
+  return list(head.trainable_variables) if head is not None else []
+
+
+def split_head_variables(model, variables):
+  """(encoder variables, head variables) of `variables`, in their order."""
+  head = {id(v) for v in head_variables(model)}
+  return ([v for v in variables if id(v) not in head],
+          [v for v in variables if id(v) in head])
+
+
+def weight_decay_loss(model, optimizer_name, weight_decay, linear_head=None):
+  """The explicit decay term of a step (SPEC §5), in the model's dtype.
+
+  Without `linear_head` (shared): `lars_optimizer.weight_decay_loss` of
+  every trainable variable for the encoder's optimizer (LARS: only the
+  head's kernel; momentum / adam: every non-BN weight). With it: that term
+  over the encoder's variables plus the head's own term
+  (`linear_head.weight_decay`, `linear_head.optimizer_name`'s rule) over
+  the head's.
+  """
+  dtype = tf.as_dtype(model.dtype)
+  variables = model.trainable_variables
+  if linear_head is None:
+    groups = [(variables, optimizer_name, weight_decay)]
+  else:
+    encoder, head = split_head_variables(model, variables)
+    groups = [(encoder, optimizer_name, weight_decay),
+              (head, linear_head.optimizer_name, linear_head.weight_decay)]
+  return tf.add_n([
+      tf.cast(lars_optimizer.weight_decay_loss(v, name, wd), dtype)
+      for v, name, wd in groups])
 
 
 class NonFiniteReport(NamedTuple):
@@ -124,8 +179,14 @@ class Trainer(orbit.StandardTrainer):
   def __init__(self, strategy, model, optimizer, objective, train_dataset,
                train_mode='pretrain', optimizer_name='lars',
                weight_decay=0.0, momentum_encoder=None, skip_nonfinite=False,
-               stop_within_loop=True, jit_compile=False):
-    """`momentum_encoder` (a `model.MomentumEncoder`, pretraining only):
+               stop_within_loop=True, jit_compile=False, linear_head=None):
+    """`linear_head` (a `LinearHead`, pretraining with a supervised head):
+    the head's variables get their gradients from its optimizer, the
+    others from `optimizer`; both apply in the same step, or (skipped
+    step) neither, and both advance their `iterations`. Not with a
+    LossScaleOptimizer (its loss scale would govern only the encoder).
+
+    `momentum_encoder` (a `model.MomentumEncoder`, pretraining only):
     its projections of each batch go to `objective.loss` as `keys`, and it
     is EMA-updated from the model after every optimizer step.
 
@@ -172,6 +233,16 @@ class Trainer(orbit.StandardTrainer):
     self.weight_decay = weight_decay
     self.skip_nonfinite = bool(skip_nonfinite)
     self.stop_within_loop = bool(stop_within_loop)
+    if linear_head is not None:
+      if train_mode != 'pretrain' or not head_variables(model):
+        raise ValueError('A LinearHead optimizer trains the supervised head '
+                         'of pretraining (--lineareval_while_pretraining); '
+                         f'this model has none in train_mode={train_mode}.')
+      if self.loss_scaled:
+        raise ValueError('A LinearHead optimizer cannot run with float16\'s '
+                         'LossScaleOptimizer: its dynamic loss scale would '
+                         'govern only the encoder\'s gradients.')
+    self.linear_head = linear_head
     # The replica step as orbit's loop calls it: XLA-compiled or not.
     self.compiled_step = None
     if jit_compile and not is_tpu(strategy):
@@ -326,9 +397,9 @@ class Trainer(orbit.StandardTrainer):
             tf.equal(tf.argmax(logits, -1, output_type=tf.int32), labels),
             tf.float32))
         terms['supervised_loss'] = sup_loss
-      wd_loss = tf.cast(lars_optimizer.weight_decay_loss(
-          self.model.trainable_variables, self.optimizer_name,
-          self.weight_decay), self.loss_dtype)
+      wd_loss = tf.cast(weight_decay_loss(
+          self.model, self.optimizer_name, self.weight_decay,
+          self.linear_head), self.loss_dtype)
       loss += wd_loss
       scalars['weight_decay'] = wd_loss
       scalars['loss'] = loss
@@ -379,9 +450,16 @@ class Trainer(orbit.StandardTrainer):
     return counts > 0
 
   def _apply(self, grads_and_vars):
-    """The optimizer step, then the momentum encoder's EMA (replica
-    context)."""
-    self.optimizer.apply_gradients(grads_and_vars)
+    """The optimizer step (with a `linear_head`, the head's variables by
+    its optimizer), then the momentum encoder's EMA (replica context)."""
+    if self.linear_head is None:
+      self.optimizer.apply_gradients(grads_and_vars)
+    else:
+      head = {id(v) for v in head_variables(self.model)}
+      self.optimizer.apply_gradients(
+          [(g, v) for g, v in grads_and_vars if id(v) not in head])
+      self.linear_head.optimizer.apply_gradients(
+          [(g, v) for g, v in grads_and_vars if id(v) in head])
     if self.momentum_encoder is not None:
       self.momentum_encoder.update_from(self.model,
                                         self.objective.momentum_decay)
@@ -398,7 +476,8 @@ class Trainer(orbit.StandardTrainer):
       self._apply(list(zip(grads, variables)))
 
     def skip():
-      self.optimizer.iterations.assign_add(1, read_value=False)
+      for optimizer in self._optimizers():
+        optimizer.iterations.assign_add(1, read_value=False)
 
     if tf.__internal__.distribute.strategy_supports_no_merge_call():
       tf.cond(ok, lambda: apply(grads), skip)
@@ -412,6 +491,12 @@ class Trainer(orbit.StandardTrainer):
     tf.distribute.get_replica_context().merge_call(cross_replica,
                                                    args=(ok, grads))
 
+  def _optimizers(self):
+    """The encoder's optimizer and, with a `linear_head`, the head's."""
+    if self.linear_head is None:
+      return [self.optimizer]
+    return [self.optimizer, self.linear_head.optimizer]
+
   def train_loop_end(self):
     # A metric that saw no step (all skipped or stopped) reports NaN, not
     # the 0 of an empty Mean.
@@ -419,11 +504,13 @@ class Trainer(orbit.StandardTrainer):
                for name, m in self._metrics.items()}
     results['train/nonfinite_steps'] = tf.convert_to_tensor(
         self._nonfinite_count)
-    lr = self.optimizer.learning_rate
-    if callable(lr):
-      lr = lr(self.optimizer.iterations)
-    # A value, not the optimizer's (mirrored) hyper-parameter variable.
-    results['train/learning_rate'] = tf.convert_to_tensor(lr)
+    names = ['train/learning_rate', 'train/linear_head_learning_rate']
+    for name, optimizer in zip(names, self._optimizers()):
+      lr = optimizer.learning_rate
+      if callable(lr):
+        lr = lr(optimizer.iterations)
+      # A value, not the optimizer's (mirrored) hyper-parameter variable.
+      results[name] = tf.convert_to_tensor(lr)
     return results
 
 
@@ -470,11 +557,14 @@ class Evaluator(orbit.StandardEvaluator):
   """
 
   def __init__(self, strategy, model, eval_dataset, num_classes,
-               optimizer_name='lars', weight_decay=0.0):
+               optimizer_name='lars', weight_decay=0.0, linear_head=None):
+    """`optimizer_name`, `weight_decay`, `linear_head`: as the Trainer's,
+    for the 'regularization_loss' it reports (`weight_decay_loss`)."""
     self.strategy = strategy
     self.model = model
     self.optimizer_name = optimizer_name
     self.weight_decay = weight_decay
+    self.linear_head = linear_head
     with strategy.scope():
       self.top_1 = tf_keras.metrics.SparseTopKCategoricalAccuracy(
           1, name='label_top_1_accuracy')
@@ -505,10 +595,9 @@ class Evaluator(orbit.StandardEvaluator):
       self.top_1.update_state(batch['label'], logits, sample_weight=weight)
       self.top_5.update_state(batch['label'], logits, sample_weight=weight)
       self.num_examples.update_state(tf.reduce_sum(weight))
-      self.regularization_loss.update_state(
-          lars_optimizer.weight_decay_loss(
-              self.model.trainable_variables, self.optimizer_name,
-              self.weight_decay))
+      self.regularization_loss.update_state(weight_decay_loss(
+          self.model, self.optimizer_name, self.weight_decay,
+          self.linear_head))
 
     self.strategy.run(step_fn, args=(next(iterator),))
 

@@ -1,30 +1,43 @@
 r"""Representation quality of every objective at the same budget.
 
   python benchmarks/quality.py --epochs=2                       # CIFAR-10
+  python benchmarks/quality.py --dataset=<folder> --epochs=2    # any folder
   python benchmarks/quality.py --dataset=digits --epochs=1 --width=0.125 \
       --image_size=16 --linear_grid_size=3                     # seconds
 
-Pretrains a ResNet (default ResNet-18, CIFAR stem, width --width) with each
-registered objective of --objectives (simclr, fnc in-batch, sogclr, ifnd;
-an objective that is not registered is skipped with the reason), all with
+Pretrains a ResNet (default ResNet-18, CIFAR stem, width --width, 0.25 by
+default so that a CPU runs it) with each registered objective of
+--objectives (simclr, fnc in-batch, sogclr, ifnd; an objective that is not
+registered is skipped with the reason), all with
 the same budget and settings: batch --batch_size (256), LARS, --epochs
 epochs, the same seed, learning-rate schedule and augmentations (SimCLR's
 CIFAR-10 recipe: lr 1.0 per 256, weight decay 1e-4, temperature 0.5, colour
-jitter 0.5, no blur). The kNN monitor (`--knn_eval_epochs`) records the kNN
-accuracy of the encoder after every --knn_every epochs. Then the final
+jitter 0.5, no blur). FNC runs in-batch with --fnc_support_size support
+views (default 2, FNC's 8 reduced to a CPU-sized value; stated in the
+output and the row's name). The kNN monitor (`--knn_eval_epochs`) records
+the kNN accuracy of the encoder after every --knn_every epochs. Then the final
 encoder of each, a randomly initialised encoder and the raw pixels (the two
 floors) are evaluated offline with evaluate.py's protocols: weighted kNN
 (k 200, τ 0.1) and logistic regression (L-BFGS, L2 strength chosen on a
 held-out 20 % of the training split).
 
-Data: by default the CIFAR-10 JPEG folder ../shared/data/cifar10_jpeg (its
-archive is unpacked into /tmp once); the run is skipped with a message when
-it is absent. --train_percent trains (and fits the evaluations) on a
+Data: --dataset, any image folder <folder>/train/<class>/*.jpg with an
+--eval_split sub-folder (default test), its .tar.gz, a TFDS name or digits;
+by default the CIFAR-10 JPEG folder ../shared/data/cifar10_jpeg (its archive
+is unpacked into /tmp once); the run is skipped with a message when it is
+absent. --train_percent trains (and fits the evaluations) on a
 class-balanced subset of the training split, made with imagenet_subsets/.
 
 Writes quality.json, quality.md (the table) and quality.png (kNN accuracy
 against epoch, one line per objective: the monitor's points and the final
-encoder's; the floors dashed) to --output_dir (default benchmarks/results/).
+encoder's; the floors dashed) to --output_dir: by default a fresh directory
+under the system temp dir (named in the log), so nothing in the repository
+changes unless asked (--output_dir=benchmarks/results). quality.json records
+the data set; results made on another data set are never overwritten (the
+run stops before training, writing nothing). Progress: a line per objective
+with the ETA of the whole benchmark, and run.py's per-loop log lines (step,
+loss, speed, ETA of the run).
+
 With --workdir the runs are kept there (<workdir>/<objective>/ holds the
 checkpoints, knn_monitor.json, feature_eval.json and TensorBoard files;
 <workdir>/random/ and <workdir>/pixels/ the floors' feature_eval.json; the
@@ -72,8 +85,9 @@ def parse_args(argv):
   parser.add_argument('--objectives', default=','.join(ALL_OBJECTIVES))
   parser.add_argument('--batch_size', type=int, default=256)
   parser.add_argument('--resnet_depth', type=int, default=18)
-  parser.add_argument('--width', type=float, default=1.0,
-                      help='width multiplier of the ResNet')
+  parser.add_argument('--width', type=float, default=0.25,
+                      help='width multiplier of the ResNet (1.0: the '
+                           'published ResNet-18)')
   parser.add_argument('--image_size', type=int, default=32)
   parser.add_argument('--learning_rate', type=float, default=1.0)
   parser.add_argument('--weight_decay', type=float, default=1e-4)
@@ -89,6 +103,9 @@ def parse_args(argv):
   parser.add_argument('--linear_grid_size', type=int, default=45,
                       help='log-spaced L2 strengths in [1e-6, 1e5]')
   parser.add_argument('--linear_max_iter', type=int, default=1000)
+  parser.add_argument('--fnc_support_size', type=int, default=2,
+                      help="FNC's support views per image (FNC's default is "
+                           '8; 2 keeps a CPU run short)')
   parser.add_argument('--extra_flags', default='',
                       help='objective:flag=value,... e.g. '
                            'fnc:support_size=2')
@@ -96,8 +113,10 @@ def parse_args(argv):
   parser.add_argument('--workdir', default=None,
                       help='model dirs (default: a temporary directory, '
                            'removed at the end)')
-  parser.add_argument('--output_dir',
-                      default=os.path.join(REPO, 'benchmarks', 'results'))
+  parser.add_argument('--output_dir', default=None,
+                      help='where quality.{json,md,png} go (default: a '
+                           'fresh temporary directory, named in the log; '
+                           'benchmarks/results for the README)')
   return parser.parse_args(argv)
 
 
@@ -140,6 +159,62 @@ def parse_extra_flags(text):
   return extra
 
 
+def objective_flags(objective, args, extra):
+  """The objective-specific flags of `objective`: OBJECTIVE_FLAGS, FNC's
+  --fnc_support_size, then --extra_flags (which win)."""
+  specific = dict(OBJECTIVE_FLAGS.get(objective, {}))
+  if objective == 'fnc':
+    specific['support_size'] = args.fnc_support_size
+  specific.update(extra.get(objective, {}))
+  return specific
+
+
+def row_name(objective, specific, extra):
+  """'fnc (in-batch, support_size=2)': the objective and what it runs with
+  besides the shared settings (FNC's mode and support views, --extra_flags)."""
+  notes, shown = [], set()
+  if objective == 'fnc':
+    memory = specific.get('memory_multiplier', 0)
+    notes = ['in-batch' if str(memory) == '0'
+             else f'memory_multiplier={memory}',
+             f'support_size={specific["support_size"]}']
+    shown = {'memory_multiplier', 'support_size'}
+  notes += [f'{k}={v}' for k, v in extra.get(objective, {}).items()
+            if k not in shown]
+  return f'{objective} ({", ".join(notes)})' if notes else objective
+
+
+def check_output_dir(output_dir, dataset):
+  """Stops (SystemExit, nothing written) if output_dir/quality.json holds
+  results made on another data set."""
+  path = os.path.join(output_dir, 'quality.json')
+  if not os.path.exists(path):
+    return
+  try:
+    with open(path) as f:
+      previous = json.load(f).get('dataset')
+  except (OSError, ValueError, AttributeError) as e:
+    raise SystemExit(f'quality.py: error: {path} exists but is not a quality '
+                     f'result ({e}); pass another --output_dir.') from None
+  if previous != dataset:
+    made_on = (f'made on data set {previous!r}' if previous else
+               'that record no data set')
+    raise SystemExit(
+        f'quality.py: error: {path} holds results {made_on}, not '
+        f'{dataset!r}; refusing to overwrite them. Pass another --output_dir '
+        f'(or remove that file).')
+
+
+def epoch_steps(num_train, batch_size):
+  """Steps of one epoch, as run.py counts them."""
+  return max(1, int(round(num_train / batch_size)))
+
+
+def format_seconds(seconds):
+  minutes, secs = divmod(int(round(seconds)), 60)
+  return f'{minutes} min {secs:02d} s' if minutes else f'{secs} s'
+
+
 def pretrain(objective, args, dataset, model_dir, subset_path, extra,
              num_train):
   """Pretrains with `objective` in this process; returns its run record."""
@@ -166,7 +241,7 @@ def pretrain(objective, args, dataset, model_dir, subset_path, extra,
       'knn_eval_epochs': args.knn_every, 'knn_k': args.knn_k,
       'knn_temperature': args.knn_temperature, 'seed': args.seed,
   }
-  specific = {**OBJECTIVE_FLAGS.get(objective, {}), **extra.get(objective, {})}
+  specific = objective_flags(objective, args, extra)
   known = config.new_flag_values()
   settings.update({k: v for k, v in specific.items() if k in known})
   argv = [f'--{k}={v}' for k, v in settings.items() if v is not None]
@@ -179,9 +254,9 @@ def pretrain(objective, args, dataset, model_dir, subset_path, extra,
     with open(os.path.join(model_dir, 'knn_monitor.json')) as f:
       history = json.load(f)
   final_step = int(tf.train.latest_checkpoint(model_dir).rsplit('-', 1)[1])
-  epoch_steps = max(1, int(round(num_train / args.batch_size)))  # as run.py
   return {'seconds': round(seconds, 1), 'knn_history': history,
-          'final_step': final_step, 'final_epoch': final_step / epoch_steps,
+          'final_step': final_step,
+          'final_epoch': final_step / epoch_steps(num_train, args.batch_size),
           'flags': {k: v for k, v in settings.items() if k in specific},
           'command': ' '.join(argv)}
 
@@ -276,9 +351,14 @@ def main(argv=None):
     return None
   import data as data_lib
   import objective as obj_lib
-  import run  # noqa: F401  (registers the objectives)
+  import run  # registers the objectives; its logging set-up
   from imagenet_subsets import subsets
 
+  if args.output_dir:
+    check_output_dir(args.output_dir, dataset)
+  output_dir = args.output_dir or tempfile.mkdtemp(prefix='quality_results_')
+  print(f'results will go to {output_dir}', flush=True)
+  run.setup_logging()  # run.run()'s per-loop progress lines, at INFO
   total_start = time.time()
   workdir = args.workdir or tempfile.mkdtemp(prefix='quality_bench_')
   os.makedirs(workdir, exist_ok=True)
@@ -302,25 +382,39 @@ def main(argv=None):
   results = {'rows': {}, 'skipped': {}, 'settings': vars(args),
              'dataset': dataset, 'train_examples':
                  source.num_examples('train')}
+  objectives = []
   for objective in filter(None, args.objectives.split(',')):
     if objective not in registered:
       reason = (f'--objective={objective} is not registered in this build '
                 f'(registered: {", ".join(sorted(registered))})')
       print(f'skipping {objective}: {reason}', flush=True)
       results['skipped'][objective] = reason
-      continue
-    print(f'pretraining {objective} ...', flush=True)
+    else:
+      objectives.append(objective)
+  num_train = source.num_examples('train')
+  spent = []  # seconds per finished objective (pretraining + evaluation)
+  for i, objective in enumerate(objectives):
+    name = row_name(objective, objective_flags(objective, args, extra), extra)
+    if spent:
+      left = sum(spent) / len(spent) * (len(objectives) - i)
+      eta = f'ETA ~{format_seconds(left)} for the rest, then the two floors'
+    else:
+      eta = 'ETA once the first objective is done'
+    print(f'[{i + 1}/{len(objectives)}] pretraining {name}: {args.epochs} '
+          f'epoch(s) of {epoch_steps(num_train, args.batch_size)} steps on '
+          f'{num_train} images; {eta}', flush=True)
+    start = time.time()
     model_dir = os.path.join(workdir, objective)
     row = pretrain(objective, args, dataset, model_dir, subset_path, extra,
-                   source.num_examples('train'))
+                   num_train)
     row.update(evaluate_encoder('checkpoint', args, dataset, subset_path,
                                 model_dir, model_dir))
-    notes = (['in-batch'] if objective == 'fnc' else []) + [
-        f'{k}={v}' for k, v in extra.get(objective, {}).items()]
-    name = f'{objective} ({", ".join(notes)})' if notes else objective
+    spent.append(time.time() - start)
     results['rows'][name] = row
-    print(f'{name}: kNN {row["knn"]["top_1"]:.4f}, linear '
-          f'{row["linear"]["top_1"]:.4f}, {row["seconds"]:.0f} s', flush=True)
+    print(f'[{i + 1}/{len(objectives)}] {name}: kNN '
+          f'{row["knn"]["top_1"]:.4f}, linear {row["linear"]["top_1"]:.4f}, '
+          f'pretraining {row["seconds"]:.0f} s, with evaluation '
+          f'{format_seconds(spent[-1])}', flush=True)
   for kind, name in (('random', 'random encoder'), ('pixels', 'raw pixels')):
     results['rows'][name] = evaluate_encoder(
         kind, args, dataset, subset_path, os.path.join(workdir, kind))
@@ -330,12 +424,12 @@ def main(argv=None):
   results['command'] = ' '.join(['python', 'benchmarks/quality.py'] +
                                 list(argv if argv is not None
                                      else sys.argv[1:]))
-  os.makedirs(args.output_dir, exist_ok=True)
+  os.makedirs(output_dir, exist_ok=True)
   table = markdown_table(results, args, dataset_note)
   table += (f'\nCommand: `{results["command"]}`; total wall time '
             f'{results["wall_seconds"]:.0f} s on {os.cpu_count()} CPU '
             f'core(s).\n')
-  paths = {k: os.path.join(args.output_dir, f'quality.{k}')
+  paths = {k: os.path.join(output_dir, f'quality.{k}')
            for k in ('json', 'md', 'png')}
   with open(paths['json'], 'w') as f:
     json.dump(results, f, indent=2)

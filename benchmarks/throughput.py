@@ -33,6 +33,12 @@ precision, jit), in one process:
   the process sampled every 10 ms while the setting runs (process-wide:
   it includes what earlier settings left allocated).
 
+Rows alternate too (`--interleave`, default true): every setting is built
+and warmed up first, then each round times every row in turn, so a ratio
+between rows (SogCLR over SimCLR, bfloat16 over float32: `summary`) is the
+median of per-round ratios; `--interleave=false` builds, times and frees
+one row after the other.
+
 The input pipeline alone (`--pipeline_dataset`, by default the CIFAR-10
 JPEG folder of ../shared/data, unpacked to a temporary directory): views/s
 of `data.build_input_fn`'s training batches at each setting's image size,
@@ -47,6 +53,7 @@ the other.
 """
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -146,6 +153,10 @@ def parse_args(argv):
   parser.add_argument('--steps_per_loop', type=int, default=2)
   parser.add_argument('--rounds', type=int, default=3,
                       help='timed rounds (framework and bare alternated)')
+  parser.add_argument('--interleave', type=parse_bools, default=[True],
+                      help='build every setting first and alternate their '
+                           'rounds (cross-row ratios from the same rounds); '
+                           'false: one setting after the other')
   parser.add_argument('--step_dataset', default='digits',
                       help='data of the cached step batch (and N for '
                            'SogCLR / IFND state)')
@@ -342,62 +353,103 @@ def matmul_ceiling(dtype, size):
   return _CEILINGS[dtype]
 
 
-def measure_step(setting, args):
-  """The framework / bare / FLOPs / memory numbers of one setting."""
-  with tempfile.TemporaryDirectory() as model_dir, PeakMemory() as memory:
-    cfg = config_lib.from_argv(run_flags(setting, args, model_dir))
-    strategy = run.build_strategy(cfg.distribution)
-    experiment = experiment_lib.Experiment(cfg, strategy)
-    cached_batch_input(experiment)
-    experiment.controller(True, False)
-    for action in reversed(experiment.actions):  # IFND: clusters first
-      if hasattr(action, 'start'):
-        action.start()
-    trainer = experiment.trainer
-    batch = next(iter(experiment.train_input_fn(cfg.data.train_batch_size)(
-        None)))
-    bare = bare_loop(experiment, iter(
-        strategy.distribute_datasets_from_function(
-            experiment.train_input_fn(cfg.data.train_batch_size))))
-    steps = tf.constant(args.steps_per_loop)
-    loops = {
-        'framework': lambda: trainer.train(steps),
-        'bare': lambda: bare(steps),
-    }
-    for fn in loops.values():  # trace + warm up
-      fn()
-      experiment.global_step.numpy()
-    per_round = {name: [] for name in loops}
-    for _ in range(args.rounds):
-      for name, fn in loops.items():
-        start = time.perf_counter()
+class StepRow:
+  """One setting's experiment, its framework and bare loops (traced and
+  warmed up), and their timed rounds."""
+
+  def __init__(self, setting, args, stack):
+    self.setting, self.args = setting, args
+    model_dir = stack.enter_context(tempfile.TemporaryDirectory())
+    with PeakMemory() as memory:
+      cfg = config_lib.from_argv(run_flags(setting, args, model_dir))
+      strategy = run.build_strategy(cfg.distribution)
+      experiment = experiment_lib.Experiment(cfg, strategy)
+      cached_batch_input(experiment)
+      experiment.controller(True, False)
+      for action in reversed(experiment.actions):  # IFND: clusters first
+        if hasattr(action, 'start'):
+          action.start()
+      trainer = experiment.trainer
+      self.batch = next(iter(experiment.train_input_fn(
+          cfg.data.train_batch_size)(None)))
+      bare = bare_loop(experiment, iter(
+          strategy.distribute_datasets_from_function(
+              experiment.train_input_fn(cfg.data.train_batch_size))))
+      steps = tf.constant(args.steps_per_loop)
+      self.loops = {
+          'framework': lambda: trainer.train(steps),
+          'bare': lambda: bare(steps),
+      }
+      for fn in self.loops.values():  # trace + warm up
         fn()
-        experiment.global_step.numpy()  # waits for the loop's last step
-        per_round[name].append((time.perf_counter() - start) /
-                               args.steps_per_loop)
-    flops = flops_per_view(experiment, batch)
+        experiment.global_step.numpy()
+    self.experiment, self.memory = experiment, memory
+    self.per_round = {name: [] for name in self.loops}
+
+  def time_round(self):
+    """One timed host loop of the framework, then one of the bare loop."""
+    for name, fn in self.loops.items():
+      start = time.perf_counter()
+      fn()
+      self.experiment.global_step.numpy()  # waits for the loop's last step
+      self.per_round[name].append((time.perf_counter() - start) /
+                                  self.args.steps_per_loop)
+
+  def result(self):
+    """The framework / bare / FLOPs / memory numbers of the setting."""
+    experiment, per_round = self.experiment, self.per_round
+    flops = flops_per_view(experiment, self.batch)
     experiment.close()
-  num_views = experiment.num_views
-  compute_dtype = tf.as_dtype(experiment.model.compute_dtype).name
-  step_s = {k: statistics.median(v) for k, v in per_round.items()}
-  views_s = setting['batch'] * num_views / step_s['framework']
-  ceiling = matmul_ceiling(compute_dtype, args.matmul_size)
-  return {
-      'views': num_views,
-      'compute_dtype': compute_dtype,
-      'step_ms': {k: 1e3 * v for k, v in step_s.items()},
-      'rounds_ms': {k: [round(1e3 * t, 1) for t in v]
-                    for k, v in per_round.items()},
-      'views_per_s': views_s,
-      'bare_views_per_s': setting['batch'] * num_views / step_s['bare'],
-      'framework_over_bare': statistics.median(
-          b / f for f, b in zip(per_round['framework'], per_round['bare'])),
-      'gflops_per_view': flops / 1e9,
-      'matmul_ceiling_gflops': ceiling / 1e9,
-      'mfu': flops * views_s / ceiling,
-      'memory_kind': memory.kind,
-      'peak_memory_mb': memory.peak / 2**20,
-  }
+    num_views = experiment.num_views
+    compute_dtype = tf.as_dtype(experiment.model.compute_dtype).name
+    step_s = {k: statistics.median(v) for k, v in per_round.items()}
+    batch = self.setting['batch']
+    views_s = batch * num_views / step_s['framework']
+    ceiling = matmul_ceiling(compute_dtype, self.args.matmul_size)
+    return {
+        'views': num_views,
+        'compute_dtype': compute_dtype,
+        'step_ms': {k: 1e3 * v for k, v in step_s.items()},
+        'rounds_ms': {k: [round(1e3 * t, 3) for t in v]
+                      for k, v in per_round.items()},
+        'views_per_s': views_s,
+        'bare_views_per_s': batch * num_views / step_s['bare'],
+        'framework_over_bare': statistics.median(
+            b / f for f, b in zip(per_round['framework'], per_round['bare'])),
+        'gflops_per_view': flops / 1e9,
+        'matmul_ceiling_gflops': ceiling / 1e9,
+        'mfu': flops * views_s / ceiling,
+        'memory_kind': self.memory.kind,
+        'peak_memory_mb': self.memory.peak / 2**20,
+    }
+
+
+def measure_steps(settings, args):
+  """Every setting's step numbers. With --interleave all settings are
+  built first and their rounds alternate (round r of every setting, then
+  round r + 1), so machine drift falls on all rows alike and cross-row
+  ratios (SogCLR over SimCLR) are medians of per-round ratios; without it,
+  each setting is built, timed and released in turn (less memory)."""
+  results = []
+  with contextlib.ExitStack() as stack:
+    if args.interleave:
+      rows = []
+      for setting in settings:
+        print(f'building {label(setting)} ...', flush=True)
+        rows.append(StepRow(setting, args, stack))
+      for r in range(args.rounds):
+        print(f'round {r + 1}/{args.rounds}', flush=True)
+        for row in rows:
+          row.time_round()
+      return [row.result() for row in rows]
+    for setting in settings:
+      print(f'measuring {label(setting)} ...', flush=True)
+      with contextlib.ExitStack() as row_stack:
+        row = StepRow(setting, args, row_stack)
+        for _ in range(args.rounds):
+          row.time_round()
+        results.append(row.result())
+  return results
 
 
 def measure_pipeline(setting, num_views, folder, args):
@@ -441,35 +493,50 @@ def print_table(rows):
              else f'{"-":>9}{"-":>10}'))
 
 
-def summary(rows):
+def per_round_views(row):
+  """Framework views/s of each timed round of a row."""
+  m, batch = row['step'], row['setting']['batch']
+  return [batch * m['views'] / (t / 1e3) for t in m['rounds_ms']['framework']]
+
+
+def speed_ratio(row, base, interleaved):
+  """Views/s of `row` over `base`: the median of per-round ratios when the
+  rows' rounds alternated, else the ratio of their medians."""
+  if interleaved:
+    return statistics.median(a / b for a, b in zip(per_round_views(row),
+                                                   per_round_views(base)))
+  return row['step']['views_per_s'] / base['step']['views_per_s']
+
+
+def summary(rows, interleaved):
   """The issue's target ratios, where the rows allow them."""
   def find(**want):
     for row in rows:
       if all(row['setting'].get(k) == v for k, v in want.items()):
-        return row['step']
+        return row
     return None
   base = dict(depth=18, image_size=32, batch=256, jit=False,
               blur_on_device=False)
   out = {}
   f32 = find(objective='simclr', precision='float32', **base)
   if f32:
-    out['simclr_framework_over_bare'] = f32['framework_over_bare']
+    out['simclr_framework_over_bare'] = f32['step']['framework_over_bare']
     bf16 = find(objective='simclr', precision='bfloat16', **base)
     if bf16:
-      out['bfloat16_speedup'] = bf16['views_per_s'] / f32['views_per_s']
+      out['bfloat16_speedup'] = speed_ratio(bf16, f32, interleaved)
     jit = find(objective='simclr', precision='float32',
                **dict(base, jit=True))
     if jit:
-      out['jit_speedup'] = jit['views_per_s'] / f32['views_per_s']
+      out['jit_speedup'] = speed_ratio(jit, f32, interleaved)
     for name in ('sogclr', 'ifnd'):
       other = find(objective=name, precision='float32', **base)
       if other:  # step time over SimCLR's (same views)
-        out[f'{name}_step_over_simclr'] = (f32['views_per_s'] /
-                                           other['views_per_s'])
+        out[f'{name}_step_over_simclr'] = 1 / speed_ratio(other, f32,
+                                                          interleaved)
     fnc = find(objective='fnc', precision='float32', **base)
     if fnc:  # per-view cost over SimCLR's: 1 = exactly its extra views
-      out['fnc_per_view_cost_over_simclr'] = (f32['views_per_s'] /
-                                              fnc['views_per_s'])
+      out['fnc_per_view_cost_over_simclr'] = 1 / speed_ratio(fnc, f32,
+                                                             interleaved)
   pipes = [r['pipeline_views_per_s'] / r['step']['views_per_s']
            for r in rows if r.get('pipeline_views_per_s')]
   if pipes:
@@ -504,27 +571,32 @@ def main(argv=None):
     folder, reason = quality.resolve_dataset(args.pipeline_dataset)
     if folder is None:
       print(f'pipeline rows skipped: {reason}')
-  rows = []
-  for setting in settings_of(args):
-    print(f'measuring {label(setting)} ...', flush=True)
-    step = measure_step(setting, args)
-    row = {'setting': setting, 'step': step}
-    if folder:
-      row['pipeline_views_per_s'] = measure_pipeline(setting, step['views'],
-                                                     folder, args)
+  settings = settings_of(args)
+  args.interleave = args.interleave[0]
+  rows = [{'setting': setting, 'step': step}
+          for setting, step in zip(settings, measure_steps(settings, args))]
+  if folder:
+    for row in rows:
+      print(f'pipeline {label(row["setting"])} ...', flush=True)
+      row['pipeline_views_per_s'] = measure_pipeline(
+          row['setting'], row['step']['views'], folder, args)
       row['pipeline_over_step'] = (row['pipeline_views_per_s'] /
-                                   step['views_per_s'])
-    rows.append(row)
+                                   row['step']['views_per_s'])
   result = {
       'setup': ('framework = the Trainer run.py builds; bare = the same '
                 'model, loss and optimizer in a minimal tf.function loop; '
                 'both on one cached real batch (digits), one process; '
                 f'{args.rounds} rounds of {args.steps_per_loop}-step host '
-                'loops after a warm-up loop; pipeline = training batches of '
+                'loops after a warm-up loop'
+                + ('; every row built first and the rows\' rounds '
+                   'alternated' if args.interleave else
+                   '; rows measured one after the other')
+                + '; pipeline = training batches of '
                 f'{args.pipeline_dataset} alone'),
       'fnc_support_size': args.fnc_support_size,
       'rows': rows,
-      'summary': summary(rows),
+      'interleaved': args.interleave,
+      'summary': summary(rows, args.interleave),
       'environment': timing.environment(started),
   }
   print()

@@ -128,3 +128,31 @@ def test_progress_logger_logs_speed_and_eta(monkeypatch):
   assert '1.00 steps/s' in messages[0]
   assert '8.0 images/s' in messages[0]
   assert 'ETA 1m30s' in messages[0]
+
+
+def test_final_step_runs_once_even_off_the_period():
+  """235 steps, period 20 (N=5000, B=256, 12 epochs): runs at every
+  multiple and at 235; a final step on a multiple runs once."""
+  step = tf.Variable(0, dtype=tf.int64)
+  action = _Recorder(step, period_steps=20, final_step=235)
+  action.start()
+  _drive(action, step, list(range(10, 231, 10)) + [235])
+  assert action.runs == list(range(20, 221, 20)) + [235]
+  step.assign(0)
+  on_multiple = _Recorder(step, period_steps=20, final_step=240)
+  on_multiple.start()
+  _drive(on_multiple, step, range(40, 241, 40))
+  assert on_multiple.runs == [40, 80, 120, 160, 200, 240]
+
+
+def test_a_resumed_run_scores_the_final_step_not_its_start():
+  step = tf.Variable(220, dtype=tf.int64)
+  action = _Recorder(step, period_steps=20, final_step=235)
+  action.start()  # resumed at 220, which was scored before the restart
+  _drive(action, step, (230, 235))
+  assert action.runs == [235]
+  # Resumed exactly at the final step (nothing left to train): no run.
+  done = _Recorder(step, period_steps=20, final_step=235)
+  done.start()
+  done({})
+  assert done.runs == []

@@ -56,8 +56,10 @@ def test_section_defaults_are_the_flag_defaults():
     ('sogclr', config_lib.SogCLRConfig, ['--gamma=0.9', '--dcl_u_store=mean'],
      dict(gamma=0.9, u_store='mean')),
     ('fnc', config_lib.FNCConfig, ['--support_size=2', '--fn_threshold=0.5',
-                                   '--fn_strategy=elimination'],
-     dict(support_size=2, threshold=0.5, strategy='elimination')),
+                                   '--fn_strategy=elimination',
+                                   '--fnc_warmup_epochs=1.5'],
+     dict(support_size=2, threshold=0.5, strategy='elimination',
+          warmup_epochs=1.5)),
     ('ifnd', config_lib.IFNDConfig,
      ['--ifnd_num_clusters=4,8', '--ifnd_acceptance=constant',
       '--ifnd_acceptance_rate=0.3', '--ifnd_acceptance_stages=3',
@@ -104,6 +106,24 @@ def test_parse_num_clusters():
     (['--input_threads=-1'], '--input_threads must not be negative'),
     (['--input_ram_budget_gb=-0.5'],
      '--input_ram_budget_gb must not be negative'),
+    (['--linear_head_optimizer=adam', '--train_mode=finetune'],
+     '--linear_head_optimizer=adam applies to pretraining only'),
+    (['--linear_head_optimizer=momentum',
+      '--lineareval_while_pretraining=false'],
+     'which is false'),
+    (['--linear_head_optimizer=adam', '--precision=float16'],
+     'cannot run with --precision=float16'),
+    (['--linear_head_learning_rate=0.01'],
+     '--linear_head_learning_rate is used only with --linear_head_optimizer='
+     'momentum or adam'),
+    (['--linear_head_weight_decay=1e-4'],
+     '--linear_head_weight_decay is used only with'),
+    (['--linear_head_optimizer=adam', '--linear_head_learning_rate=0'],
+     '--linear_head_learning_rate=0.0 must be positive'),
+    (['--linear_head_optimizer=adam', '--linear_head_weight_decay=-1'],
+     '--linear_head_weight_decay must not be negative'),
+    (['--linear_head_batch_norm', '--train_mode=finetune'],
+     '--linear_head_batch_norm standardises the features'),
 ])
 def test_validation_names_the_flags(tmp_path, args, expected):
   with pytest.raises(config_lib.ConfigError, match='invalid flags') as info:
@@ -159,3 +179,21 @@ def test_every_flag_is_documented_in_readme():
   assert len(defined) >= 90, 'found too few flags'
   missing = [name for name in defined if f'`{name}`' not in readme]
   assert not missing, f'flags missing from README.md: {missing}'
+
+
+def test_linear_head_flags_reach_the_config(tmp_path):
+  common = [f'--model_dir={tmp_path}']
+  default = config_lib.from_argv(common)
+  assert default.optimizer.linear_head_optimizer == 'shared'
+  assert not default.model.linear_head_batch_norm
+  cfg = config_lib.from_argv(common + [
+      '--linear_head_optimizer=adam', '--linear_head_learning_rate=0.02',
+      '--linear_head_weight_decay=1e-5', '--linear_head_batch_norm'])
+  assert cfg.optimizer.linear_head_optimizer == 'adam'
+  assert cfg.optimizer.linear_head_learning_rate == 0.02
+  assert cfg.optimizer.linear_head_weight_decay == 1e-5
+  assert cfg.model.linear_head_batch_norm
+  with pytest.raises(Exception, match='linear_head_optimizer'):
+    config_lib.from_argv(common + ['--linear_head_optimizer=sgd'])
+  assert 'linear_head_optimizer' in config_lib.IDENTITY_FLAGS
+  assert 'linear_head_batch_norm' in config_lib.IDENTITY_FLAGS

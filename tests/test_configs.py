@@ -15,6 +15,8 @@ fails. Entries the source does not state are marked:
             assumed.
 """
 
+import contextlib
+import io
 import os
 import re
 from typing import NamedTuple
@@ -23,6 +25,7 @@ import pytest
 
 import config as config_lib
 import lars_optimizer
+import run
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_DIR = os.path.join(REPO, 'configs')
@@ -132,7 +135,10 @@ SOURCES = {
         'warmup_epochs': '4', 'weight_decay': '1e-4', 'temperature': '0.5',
         'use_blur': 'false', 'color_jitter_strength': '0.5',
         'lineareval_while_pretraining': 'true', 'mode': 'train_then_eval',
-        'model_dir': 'runs/quickstart', 'checkpoint_epochs': '1',
+        # The head's own optimizer, measured in the README.
+        'linear_head_optimizer': 'adam', 'linear_head_learning_rate': '0.01',
+        'linear_head_batch_norm': 'true',
+        'checkpoint_epochs': '1',
         'eval_batch_size': '360'}),
     'quickstart_linear_eval.cfg': Source('README "Quick start"', {
         'dataset': 'digits', 'eval_split': 'test', 'image_size': '16',
@@ -144,8 +150,20 @@ SOURCES = {
         'learning_rate': '0.1', 'weight_decay': '0.0', 'warmup_epochs': '0',
         'train_epochs': '30', 'train_batch_size': '256',
         'checkpoint_epochs': '10', 'eval_batch_size': '360',
-        'mode': 'train_then_eval',
-        'model_dir': 'runs/quickstart_linear_eval'}),
+        'mode': 'train_then_eval'}),
+    'folder_cpu.cfg': Source('README "Your own folder of images"', {
+        # This repository's own recipe for a folder on a laptop CPU,
+        # measured in the README; --dataset and --model_dir come from the
+        # command line.
+        'image_size': '32', 'resnet_depth': '18', 'width_multiplier': '0.25',
+        'train_batch_size': '256', 'train_epochs': '5',
+        'learning_rate': '1.0', 'learning_rate_scaling': 'linear',
+        'warmup_epochs': '1', 'weight_decay': '1e-4', 'temperature': '0.5',
+        'use_blur': 'false', 'color_jitter_strength': '0.5',
+        'lineareval_while_pretraining': 'true',
+        'linear_head_optimizer': 'adam', 'linear_head_learning_rate': '0.01',
+        'linear_head_batch_norm': 'true', 'knn_eval_epochs': '2',
+        'checkpoint_epochs': '1', 'mode': 'train_then_eval'}),
     'simclr_cifar10_r18.cfg': Source(SIMCLR_README, SIMCLR_CIFAR10_COMMAND),
     'simclr_cifar10_r50.cfg': Source(SIMCLR_README, {
         **SIMCLR_CIFAR10_COMMAND,
@@ -318,3 +336,30 @@ def test_scaled_learning_rate_is_the_sources(name):
       learning_rate_scaling=flags.learning_rate_scaling)
   assert schedule.scaled_learning_rate == pytest.approx(
       SOURCES[name].scaled_learning_rate)
+
+
+def test_no_config_sets_model_dir():
+  """A config's model_dir would be shared by every run of it (the second
+  silently resumes the first): the command line names it."""
+  for name in sorted(SOURCES):
+    assert 'model_dir' not in read_config(name)[1], name
+
+
+@pytest.mark.parametrize('mode', ['train', 'train_then_eval', 'eval',
+                                  'preview'])
+@pytest.mark.parametrize('name', sorted(SOURCES))
+def test_config_without_model_dir_is_refused_before_writing(
+    name, mode, tmp_path, monkeypatch):
+  """run.py --flagfile=configs/<name> without --model_dir: exit 2 with a
+  message saying what to pass; nothing is written (cwd stays empty)."""
+  monkeypatch.chdir(tmp_path)
+  stderr = io.StringIO()
+  with pytest.raises(SystemExit) as exit_info, \
+      contextlib.redirect_stderr(stderr):
+    run.run_from_flags(config_lib.parse_argv(
+        [f'--flagfile={os.path.join(CONFIG_DIR, name)}', f'--mode={mode}']))
+  assert exit_info.value.code == 2
+  message = stderr.getvalue()
+  assert '--model_dir is required' in message
+  assert '--model_dir=/tmp/quickstart' in message
+  assert not os.listdir(tmp_path)

@@ -127,7 +127,8 @@ def quality_run(tmp_path_factory):
 
   N = 287 (class-balanced, via --train_subset), batch 64: an epoch is
   round(287/64) = 4 steps and training stops at 287 // 64 + 1 = 5, so the
-  kNN monitor runs once, at step 4, where a checkpoint is kept too.
+  kNN monitor runs at step 4, where a checkpoint is kept too, and at the
+  final step 5.
   """
   work = tmp_path_factory.mktemp('quality')
   sys.path.insert(0, os.path.join(REPO, 'benchmarks'))
@@ -145,8 +146,8 @@ def test_knn_monitor_runs_every_epoch_and_logs(quality_run):
   model_dir = str(quality_run[0] / 'runs' / 'simclr')
   with open(os.path.join(model_dir, 'knn_monitor.json')) as f:
     history = json.load(f)
-  assert [h['step'] for h in history] == [4]
-  assert [h['epoch'] for h in history] == [1.0]
+  assert [h['step'] for h in history] == [4, 5]  # every epoch, and the end
+  assert [h['epoch'] for h in history] == [1.0, 1.25]
   assert (history[0]['k'], history[0]['temperature']) == (50, 0.07)
   # The memory bank is the --train_subset (287), the queries the test split.
   assert (history[0]['num_train'], history[0]['num_test']) == (287, 360)
@@ -235,8 +236,14 @@ def test_evaluate_features_rejects_settings_that_cannot_work(tmp_path):
           protocols=('knn', 'svm'), output_dir=str(tmp_path))),
        "unknown --protocols ['svm']."),
       (dict(feature_cfg=config.FeatureEvalConfig()),
-       'pass --output_dir (or --model_dir) for a random encoder or raw '
-       'pixels.'),
+       'a random encoder or raw pixels has no directory of its own for '
+       'feature_eval.json: pass --output_dir=DIR (or --model_dir=DIR), e.g. '
+       '--output_dir=/tmp/feature_eval.'),
+      (dict(checkpoint=str(tmp_path), feature_cfg=config.FeatureEvalConfig(
+          feature_layer='pixels')),
+       'a random encoder or raw pixels has no directory of its own for '
+       'feature_eval.json: pass --output_dir=DIR (or --model_dir=DIR), e.g. '
+       '--output_dir=/tmp/feature_eval.'),
       (dict(feature_cfg=config.FeatureEvalConfig(
           saved_model=str(tmp_path), feature_layer='1')),
        '--feature_layer=1: a SavedModel serves only 0 (features) and -1 '
@@ -248,6 +255,27 @@ def test_evaluate_features_rejects_settings_that_cannot_work(tmp_path):
       evaluate.evaluate_features(TINY_DATA, TINY_MODEL, config.EvalConfig(),
                                  feature_cfg, **kwargs)
     assert str(error.value) == message
+
+
+def test_output_dir_is_next_to_the_evaluated_encoder(tmp_path):
+  """Default: the SavedModel's / checkpoint's directory, not a --flagfile's
+  --model_dir; --output_dir overrides; no encoder directory: --model_dir."""
+  run_dir = tmp_path / 'pretrain'
+  run_dir.mkdir()
+  saved = str(run_dir / 'saved_model' / '225')
+  flagfile_dir = str(tmp_path / 'flagfile_model_dir')
+
+  def output_dir(checkpoint=None, **feature):
+    return evaluate._output_dir(  # pylint: disable=protected-access
+        config.FeatureEvalConfig(**feature), checkpoint, flagfile_dir)
+
+  assert output_dir(str(run_dir)) == str(run_dir)
+  assert output_dir(str(run_dir / 'ckpt-225')) == str(run_dir)
+  assert output_dir(saved_model=saved) == saved
+  assert output_dir(str(run_dir), output_dir='/o') == '/o'
+  assert output_dir(saved_model=saved, output_dir='/o') == '/o'
+  assert output_dir() == flagfile_dir  # random encoder
+  assert output_dir(str(run_dir), feature_layer='pixels') == flagfile_dir
 
 
 def test_command_line_end_to_end_on_raw_pixels(tmp_path):
@@ -297,7 +325,7 @@ def test_quality_benchmark_end_to_end_on_digits(quality_run):
   assert 'not registered' in results['skipped']['nope']
   assert results['train_examples'] == 287  # floor(1437 / 5)
   history = results['rows']['simclr']['knn_history']
-  assert [h['epoch'] for h in history] == [1.0]
+  assert [h['epoch'] for h in history] == [1.0, 1.25]  # epoch 1, the end
   for row in results['rows'].values():
     assert 0.0 <= row['knn']['top_1'] <= 1.0
     assert row['knn']['k'] == 50 and len(row['linear']['grid']) == 2
@@ -316,3 +344,41 @@ def test_quality_benchmark_skips_without_data(tmp_path, capsys):
                        f'--output_dir={tmp_path}']) is None
   assert 'skipped' in capsys.readouterr().out
   assert not os.listdir(tmp_path)
+
+
+def _quality_module():
+  sys.path.insert(0, os.path.join(REPO, 'benchmarks'))
+  import quality  # pylint: disable=import-outside-toplevel
+  return quality
+
+
+def test_quality_benchmark_defaults_fit_a_cpu():
+  quality = _quality_module()
+  args = quality.parse_args(['--epochs=1'])
+  assert (args.width, args.fnc_support_size, args.output_dir) == (
+      0.25, 2, None)
+  fnc = quality.objective_flags('fnc', args, {})
+  assert fnc == {'memory_multiplier': 0, 'support_size': 2}
+  assert quality.row_name('fnc', fnc, {}) == 'fnc (in-batch, support_size=2)'
+  extra = quality.parse_extra_flags('fnc:support_size=0,sogclr:gamma=0.5')
+  fnc = quality.objective_flags('fnc', args, extra)
+  assert fnc['support_size'] == '0'
+  assert quality.row_name('fnc', fnc, extra) == (
+      'fnc (in-batch, support_size=0)')
+  sogclr = quality.objective_flags('sogclr', args, extra)
+  assert quality.row_name('sogclr', sogclr, extra) == 'sogclr (gamma=0.5)'
+
+
+def test_quality_benchmark_refuses_results_of_another_data_set(tmp_path):
+  quality = _quality_module()
+  previous = json.dumps({'dataset': '/data/other_images', 'rows': {}})
+  (tmp_path / 'quality.json').write_text(previous)
+  with pytest.raises(SystemExit) as error:
+    quality.main(['--dataset=digits', '--epochs=1',
+                  f'--output_dir={tmp_path}'])
+  assert str(error.value) == (
+      f'quality.py: error: {tmp_path / "quality.json"} holds results made '
+      "on data set '/data/other_images', not 'digits'; refusing to overwrite "
+      'them. Pass another --output_dir (or remove that file).')
+  assert os.listdir(tmp_path) == ['quality.json']
+  assert (tmp_path / 'quality.json').read_text() == previous

@@ -402,3 +402,49 @@ def test_jit_compile_with_two_replicas_is_refused_before_anything_is_written(
         'jit_compile': True}), two_replicas)
   assert '--jit_compile' in str(error.value)
   assert not model_dir.exists()
+
+
+# ------------------------------------------ the linear head's own optimizer
+
+
+def test_linear_head_optimizer_state_is_checkpointed(tmp_path):
+  """--linear_head_optimizer=adam --linear_head_batch_norm, 2 steps: the
+  checkpoint holds the head optimizer's step and its slots for exactly the
+  head's kernel and bias (the encoder's LARS none for them), and the head's
+  BN statistics; a new Experiment on the directory fits and restores the
+  head optimizer at step 2. The shared default writes none of it."""
+  keys = {}
+  for name, head in (('shared', {}),
+                     ('own', {'linear_head_optimizer': 'adam',
+                              'linear_head_learning_rate': 0.01})):
+    cfg = tiny(tmp_path / name, seed=0,
+               optimizer=head,
+               model={'linear_head_batch_norm': bool(head)})
+    experiment = experiment_lib.Experiment(cfg, tf.distribute.get_strategy())
+    experiment.controller(True, False).train(2)
+    keys[name] = [k for k, _ in tf.train.list_variables(
+        tf.train.latest_checkpoint(str(tmp_path / name)))]
+  own, shared = keys['own'], keys['shared']
+  head_slots = sorted(k.split('/.OPTIMIZER_SLOT/')[0] for k in own
+                      if '.OPTIMIZER_SLOT/linear_head_optimizer/' in k)
+  assert head_slots == sorted(
+      ['model/head_supervised/linear_layer/dense/bias',
+       'model/head_supervised/linear_layer/dense/kernel'] * 2)  # m and v
+  assert not [k for k in own if k.startswith('model/head_supervised') and
+              '.OPTIMIZER_SLOT/optimizer/' in k]
+  assert [k for k in shared if k.startswith('model/head_supervised') and
+          '.OPTIMIZER_SLOT/optimizer/' in k]
+  assert 'linear_head_optimizer/iter/.ATTRIBUTES/VARIABLE_VALUE' in own
+  assert any('head_supervised/batch_norm' in k and 'moving_mean' in k
+             for k in own)
+  assert not [k for k in shared
+              if 'linear_head' in k or 'head_supervised/batch_norm' in k]
+  cfg = tiny(tmp_path / 'own', seed=0,
+             optimizer={'linear_head_optimizer': 'adam',
+                        'linear_head_learning_rate': 0.01},
+             model={'linear_head_batch_norm': True},
+             schedule={'train_steps': 3})
+  resumed = experiment_lib.Experiment(cfg, tf.distribute.get_strategy())
+  resumed.checkpoint_manager.restore_or_initialize()
+  assert int(resumed.linear_head.optimizer.iterations.numpy()) == 2
+  assert int(resumed.global_step.numpy()) == 2

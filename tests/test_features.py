@@ -188,3 +188,12 @@ def test_every_pipeline_gets_whole_batches_and_every_id_once(
   assert batches[0] == -(-num // (4 * pipelines))
   seen = np.concatenate([i[i >= 0] for i in ids])
   np.testing.assert_array_equal(np.sort(seen), np.arange(num))
+
+
+def test_pass_steps_counts_global_batches_under_any_strategy():
+  """360 rows in global batches of 64: 6 steps, whether the pass is a plain
+  dataset or split over two replicas (one pipeline, two batches a step)."""
+  source = data_lib.get_data_source('digits')
+  for strategy in (tf.distribute.get_strategy(), two_replica_strategy()):
+    dataset = features.pass_dataset_fn(strategy, source, 'test', 64, 16)()
+    assert features.pass_steps(dataset, strategy) == 6

@@ -341,6 +341,167 @@ def test_two_replicas_equal_one_replica(two_replicas, memory):
 
 
 # ---------------------------------------------------------------------------
+# Score metrics (distribution of the identification scores).
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize('seed, shape, spread', [
+    (0, (7, 31), 0.3), (1, (64, 200), 0.05), (2, (3, 5), 0.9)])
+def test_histogram_quantiles_match_numpy_within_a_bin(seed, shape, spread):
+  rng = np.random.default_rng(seed)
+  values = np.clip(0.6 + spread * rng.normal(size=shape), -1, 1)
+  valid = rng.random(shape) > 0.3
+  values[~valid] = -1e9  # excluded entries must not count
+  quantiles = (0.01, 0.5, 0.9, 0.99)
+  got = fnc.histogram_quantiles(tf.constant(values, tf.float32),
+                                tf.constant(valid), quantiles).numpy()
+  expected = np.quantile(values[valid], quantiles, method='inverted_cdf')
+  np.testing.assert_allclose(got, expected, atol=2.0 / fnc.SCORE_BINS)
+
+
+def test_histogram_quantiles_edges():
+  # Out-of-range values count in the end bins; nothing valid is NaN.
+  values = tf.constant([-3.0, 0.25, 0.25, 5.0])
+  # Bins of 0.5 over [−1, 1]; counts 1, 0, 2, 1 (−3 in the first, 5 in the
+  # last); the median is half-way through bin [0, 0.5).
+  got = fnc.histogram_quantiles(values, tf.constant([True] * 4),
+                                (0.25, 0.5, 1.0), num_bins=4).numpy()
+  np.testing.assert_allclose(got, [-0.5, 0.25, 1.0])
+  assert np.isnan(fnc.histogram_quantiles(
+      values, tf.zeros([4], tf.bool), (0.5,)).numpy()).all()
+
+
+@pytest.mark.parametrize('memory', [False, True])
+def test_score_metrics_match_numpy(memory):
+  num_views, n, topk, threshold = 3, 8, 4, 0.3
+  views = _random_views(5, num_views, n, d=6)
+  rng = np.random.default_rng(6)
+  queue = _unit(rng.normal(size=(10, 6)))
+  valid = np.r_[np.ones(num_views * n, bool), np.arange(10) < 7]
+  candidates = np.concatenate([_view_major(views), queue])
+  kwargs = {}
+  if memory:
+    kwargs = dict(keys=tf.constant(_view_major(views)),
+                  queue=tf.constant(queue), queue_valid=tf.constant(
+                      valid[num_views * n:]))
+  else:
+    candidates, valid = candidates[:num_views * n], valid[:num_views * n]
+  metrics = fnc.fnc_terms(tf.constant(_view_major(views)), num_views, TAU,
+                          topk, threshold, **kwargs).metrics
+  scores = []  # per image, the scores of its candidates (NumPy, loops)
+  for i in range(n):
+    own = {v * n + i for v in range(num_views)}
+    scores.append(sorted(
+        (max(views[v, i] @ candidates[c] for v in range(num_views))
+         for c in range(len(candidates)) if c not in own and valid[c]),
+        reverse=True))
+  flat = np.concatenate(scores)
+  for q in (50, 90, 99):
+    np.testing.assert_allclose(metrics[f'fn_score_p{q}'].numpy(),
+                               np.quantile(flat, q / 100,
+                                           method='inverted_cdf'),
+                               atol=2.0 / fnc.SCORE_BINS)
+  np.testing.assert_allclose(metrics['fn_score_max'].numpy(), flat.max(),
+                             rtol=1e-6)
+  np.testing.assert_allclose(
+      metrics['fn_kth_margin'].numpy(),
+      np.mean([row[topk - 1] for row in scores]) - threshold, rtol=1e-5)
+
+
+@pytest.mark.parametrize('num_views', [2, 4])
+def test_positive_score_matches_numpy(num_views):
+  views = np.random.default_rng(8).normal(size=(num_views, 5, 3)) * 3
+  unit = _unit(views)
+  expected = np.mean([max(unit[v, i] @ unit[w, i] for v in range(num_views)
+                          if v != w)
+                      for i in range(5) for w in range(num_views)])
+  np.testing.assert_allclose(
+      fnc.positive_score(tf.constant(_view_major(views)), num_views).numpy(),
+      expected, rtol=1e-6)
+
+
+def test_no_score_metrics_without_identification():
+  views = tf.constant(_view_major(_random_views(0, 2, 6)))
+  metrics = fnc.fnc_loss(views, 2, TAU, fn_topk=0, fn_threshold=0.7)[1]
+  assert not [name for name in metrics if name.startswith('fn_score')]
+  assert 'fn_kth_margin' not in metrics
+
+
+# ---------------------------------------------------------------------------
+# Warm-up (--fnc_warmup_epochs).
+# ---------------------------------------------------------------------------
+
+
+def test_warmup_steps_round_up_and_are_checkpointed():
+  objective = fnc.FNC(support_size=0, memory_multiplier=0, topk=2,
+                      warmup_epochs=0.5)
+  objective.build(10, 4, projection_dim=8)
+  assert objective.warmup_steps == 2  # ⌈0.5·10 / 4⌉
+  assert set(objective.checkpoint_items()) == {'fnc_steps'}
+  memory = fnc.FNC(support_size=0, memory_multiplier=2, topk=2,
+                   warmup_epochs=3)
+  memory.build(10, 4, projection_dim=8)
+  assert memory.warmup_steps == 8
+  assert set(memory.checkpoint_items()) == {'fnc_queue', 'fnc_steps'}
+  with pytest.raises(ValueError, match='build'):
+    fnc.FNC(memory_multiplier=0, warmup_epochs=1).loss(
+        tf.zeros([20, 4]), {})
+
+
+@pytest.mark.parametrize('support_size', [0, 1])
+def test_warmup_is_the_plain_loss_then_fnc(support_size):
+  """Before the warm-up step the loss (value and gradient) is the base loss
+  (FNC with no identification; NT-Xent with V = 2), from then on today's
+  FNC loss, step by step."""
+  num_views, n = 2 + support_size, 6
+  views = tf.Variable(_view_major(_random_views(3, num_views, n, d=3)))
+  labels = {'label': tf.constant([0, 1, 2, 0, 1, 2])}
+  common = dict(temperature=TAU, support_size=support_size,
+                memory_multiplier=0, topk=3, threshold=0.2)
+  warm = fnc.FNC(warmup_epochs=1.0, **common)
+  warm.build(2 * n, n, projection_dim=3)  # 2 steps of warm-up
+  today = fnc.FNC(**common)
+  plain = fnc.FNC(**{**common, 'topk': 0})
+  assert float(today.loss(views, labels)[1]['fn_per_anchor']) > 0
+  for step in range(5):
+    reference = plain if step < 2 else today
+    with tf.GradientTape(persistent=True) as tape:
+      value, metrics = warm.loss(views, labels)
+      expected = reference.loss(views, labels)[0]
+    assert float(value) == float(expected), step
+    np.testing.assert_array_equal(tape.gradient(value, views).numpy(),
+                                  tape.gradient(expected, views).numpy())
+    assert (float(metrics['fn_per_anchor']) == 0) == (step < 2)
+    assert 'fn_score_p50' in metrics  # scores are reported in the warm-up
+    assert int(warm.steps_trained.numpy()) == step + 1
+  if support_size == 0:
+    fresh = fnc.FNC(warmup_epochs=1.0, **common)
+    fresh.build(2 * n, n, projection_dim=3)
+    np.testing.assert_allclose(
+        fresh.loss(views, labels)[0].numpy(),
+        obj_lib.nt_xent_loss(*tf.split(tf.math.l2_normalize(views, -1), 2),
+                             TAU)[0].numpy(), rtol=1e-6)
+
+
+def test_warmup_in_a_compiled_function_and_memory_mode():
+  n, d = 4, 3
+  views = tf.constant(_view_major(_random_views(4, 2, n, d=d)))
+  common = dict(temperature=TAU, support_size=0, memory_multiplier=2,
+                topk=3, threshold=0.0)
+  warm, today = fnc.FNC(warmup_epochs=0.25, **common), fnc.FNC(**common)
+  plain = fnc.FNC(**{**common, 'topk': 0})
+  for objective in (warm, today, plain):
+    objective.build(4 * n, n, projection_dim=d)  # warm-up: 1 step
+  step = tf.function(lambda o: o.loss(views, {}, keys=views))
+  losses = {name: [float(step(o)[0]) for _ in range(3)]
+            for name, o in (('warm', warm), ('today', today),
+                            ('plain', plain))}
+  assert losses['warm'][0] == losses['plain'][0]
+  assert losses['warm'][1:] == losses['today'][1:]
+  assert losses['today'][1] != losses['plain'][1]
+
+
+# ---------------------------------------------------------------------------
 # The objective: queue, validation, registry.
 # ---------------------------------------------------------------------------
 
@@ -441,6 +602,7 @@ def test_loss_reads_the_queue_before_pushing():
     (dict(momentum_decay=1.5), 16, '--moving_average_decay=1.5'),
     (dict(memory_multiplier=-1), 16, '--memory_multiplier=-1 must be ≥ 0'),
     (dict(topk=-1), 16, '--fn_topk=-1 must be ≥ 0'),
+    (dict(warmup_epochs=-1.0), 16, '--fnc_warmup_epochs=-1.0 must be ≥ 0'),
 ])
 def test_validate_rejects_what_cannot_work(kwargs, batch, message):
   with pytest.raises(ValueError, match=message):

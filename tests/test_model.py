@@ -423,3 +423,34 @@ def test_precision_sets_every_layer_and_casts_the_outputs(precision, compute,
 def test_unknown_precision_is_refused():
   with pytest.raises(ValueError, match="Unknown precision 'int8'"):
     model_lib.Model(10, resnet_depth=18, precision='int8')
+
+
+def test_supervised_head_batch_norm_standardises_its_features():
+  """linear_head_batch_norm: features with per-dimension means far above
+  their spread reach the Dense standardised (batch statistics in training,
+  then the moving ones), through a BN without γ or β."""
+  head = model_lib.SupervisedHead(3, batch_norm=True, batch_norm_decay=0.0,
+                                  global_bn=False)
+  rng = np.random.default_rng(0)
+  x = tf.constant(5.0 + 0.2 * rng.normal(size=(64, 8)), tf.float32)
+  head(x, training=True)
+  assert head.trainable_variables == head.linear_layer.trainable_variables
+  seen = []
+  dense = head.linear_layer.dense
+  original_call = dense.call
+  dense.call = lambda inputs: seen.append(inputs) or original_call(inputs)
+  head(x, training=True)
+  head(x, training=False)  # decay 0: the moving statistics are x's
+  for standardised in seen:
+    np.testing.assert_allclose(np.mean(standardised, 0), 0, atol=1e-4)
+    np.testing.assert_allclose(np.std(standardised, 0), 1, atol=1e-2)
+  plain = model_lib.SupervisedHead(3)
+  plain(x, training=True)
+  assert plain.batch_norm is None and not plain.non_trainable_variables
+
+
+def test_linear_head_batch_norm_only_when_pretraining():
+  with pytest.raises(ValueError, match='linear_head_batch_norm'):
+    model_lib.Model(10, resnet_depth=18, width_multiplier=0.125,
+                    cifar_stem=True, train_mode='finetune',
+                    linear_head_batch_norm=True)

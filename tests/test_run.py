@@ -501,6 +501,10 @@ def test_periodic_summary_manager_rule(tmp_path, period, start, loop_ends,
 
 RESUME_OBJECTIVES = {
     'simclr': {},
+    # The linear head's own optimizer (its slots and step) and its BN.
+    'simclr_linear_head': {'linear_head_optimizer': 'adam',
+                           'linear_head_learning_rate': 0.01,
+                           'linear_head_batch_norm': True},
     'sogclr': {'objective': 'sogclr', 'gamma': 0.9},
     'fnc': {'objective': 'fnc', 'support_size': 1, 'use_randaugment': False,
             'memory_multiplier': 3, 'fn_topk': 2},
@@ -613,3 +617,70 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous(tmp_path):
   run_flags(**flags)  # resumes from ckpt-2 and trains steps 3 and 4 again
   values = read_checkpoint(tf.train.latest_checkpoint(str(model_dir)))
   assert values['optimizer/iter/.ATTRIBUTES/VARIABLE_VALUE'] == 4
+
+
+# ------------------------------------------ log lines of a healthy run
+
+# The lines at WARNING or above that a healthy CPU run may print, each
+# explained in README "Log lines you may see" (keep the two lists equal).
+ALLOWED_LOG_LINES = (
+    # TF probes for a CUDA driver; on a machine without one it logs this
+    # E-level line once, then runs on the CPU.
+    r'cuda_platform\.cc:\d+\] failed call to cuInit',
+    # tf.distribute's own per-device iterator (MultiDeviceIterator) is a
+    # generator dataset that tf.data cannot optimise; once per iterator.
+    r'Input of GeneratorDatasetOp::Dataset will not be optimized',
+)
+WARNING_OR_ABOVE = (
+    r'^[WEF]\d{4} ',                           # absl (python)
+    r'^\d{4}-\d\d-\d\d [\d:.]+: [WEF] ',       # TF C++
+    r'^WARNING:', r'\w+Warning: ',             # python logging / warnings
+)
+
+
+def warning_lines(text):
+  import re  # pylint: disable=import-outside-toplevel
+  return [line for line in text.splitlines()
+          if any(re.search(p, line) for p in WARNING_OR_ABOVE) and
+          not any(re.search(p, line) for p in ALLOWED_LOG_LINES)]
+
+
+def test_warning_lines_are_detected():
+  assert warning_lines(
+      'W1202 01:02:03.000 1 x.py:1] careful\n'
+      '2026-12-02 01:02:03.4: E tensorflow/x.cc:9] bad\n'
+      'x.py:3: UserWarning: hm\nI1202 01:02:03.000 1 x.py:1] fine\n'
+      '2026-12-02 01:02:03.4: E external/local_xla/xla/stream_executor/'
+      'cuda/cuda_platform.cc:51] failed call to cuInit: (303)') == [
+          'W1202 01:02:03.000 1 x.py:1] careful',
+          '2026-12-02 01:02:03.4: E tensorflow/x.cc:9] bad',
+          'x.py:3: UserWarning: hm']
+
+
+def test_quick_start_logs_cleanly(tmp_path):
+  """The quick start, one epoch (6 steps): no line at WARNING or above but
+  the explained ones, every orbit event line once (orbit logs and prints
+  each), and the final line names both numbers, also in result.json."""
+  model_dir = tmp_path / 'qs'
+  proc = subprocess.run(
+      [sys.executable, 'run.py', '--flagfile=configs/quickstart.cfg',
+       f'--model_dir={model_dir}', '--train_epochs=1'],
+      cwd=REPO, capture_output=True, text=True, timeout=900)
+  output = proc.stdout + proc.stderr
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert warning_lines(output) == []
+  events = [line.strip() for line in output.splitlines()
+            if ' | step: ' in line or 'saved checkpoint to' in line]
+  assert any('train | step:      6' in line for line in events), events
+  for line in events:
+    assert sum(line in other for other in output.splitlines()) == 1, line
+  final = [line for line in proc.stdout.splitlines()
+           if line.startswith('Eval at step 6')]
+  assert len(final) == 1
+  assert 'linear head trained alongside (not a linear evaluation)' in final[0]
+  assert 'kNN (k=200, τ=0.1) of the final encoder: top-1 ' in final[0]
+  with open(model_dir / 'result.json') as f:
+    result = json.load(f)
+  assert 0.0 <= result['knn_top_1_accuracy'] <= 1.0
+  assert (result['knn_k'], result['knn_temperature']) == (200, 0.1)
+  assert f'top-1 {result["knn_top_1_accuracy"]:.4f}' in final[0]

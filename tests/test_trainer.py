@@ -337,7 +337,9 @@ class _TinyModel(tf_keras.Model):
     self.hidden = tf_keras.layers.Dense(8)
     self.bn = tf_keras.layers.BatchNormalization()
     self.proj = tf_keras.layers.Dense(4)
-    self.head_supervised = tf_keras.layers.Dense(NUM_CLASSES)
+    # Named as model.Model's, for LARS's exclusion rules.
+    self.head_supervised = tf_keras.layers.Dense(NUM_CLASSES,
+                                                 name='head_supervised')
 
   @property
   def supervised_head(self):
@@ -815,3 +817,172 @@ def test_jit_compile_refused_with_mirrored_replicas(two_replicas):
   assert '--distribution_strategy=one_device' in str(error.value)
   trainer_lib.check_jit_compile(_one_replica_strategy())
   trainer_lib.check_jit_compile(tf.distribute.get_strategy())
+
+
+# ---------------------------------------------------------------------------
+# The linear head's own optimizer (--linear_head_optimizer).
+# ---------------------------------------------------------------------------
+
+
+def _linear_head(strategy, name='momentum', learning_rate=LR,
+                 weight_decay=WD):
+  with strategy.scope():
+    optimizer = lars_optimizer.build_optimizer(name, learning_rate)
+  return trainer_lib.LinearHead(optimizer, name, weight_decay)
+
+
+def _head_gradients(trainer, batch, weight_decay):
+  """Gradients of the supervised cross-entropy + weight_decay·½‖w‖² (kernel
+  and bias) wrt the head's variables, from the model as it is now."""
+  head = trainer_lib.head_variables(trainer.model)
+  with tf.GradientTape() as tape:
+    _, logits = trainer.model(batch['image'], training=True)
+    loss = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(
+        labels=tf.tile(batch['label'], [2]), logits=logits))
+    loss += weight_decay * tf.add_n([tf.nn.l2_loss(v) for v in head])
+  return [g.numpy() for g in tape.gradient(loss, head)]
+
+
+def _has_slot(optimizer, variable):
+  try:
+    optimizer.get_slot(variable, optimizer.get_slot_names()[0])
+  except KeyError:
+    return False
+  return True
+
+
+def test_linear_head_optimizer_alone_updates_the_head():
+  """One step, LARS encoder: with a momentum head optimizer (lr 0.3, wd
+  1e-2) the head moves by exactly its Nesterov step on the supervised loss
+  + its own decay, the encoder optimizer has no slots for the head and the
+  head optimizer slots only for it; the encoder's weights end as in the
+  shared run. Shared (the original): LARS has a slot for every variable and
+  gives the head its plain momentum step (no trust ratio) on the
+  cross-entropy + --weight_decay term."""
+  strategy = _one_replica_strategy()
+  arrays = _tiny_arrays(1, 2 * B)
+  batch = {k: tf.constant(v) for k, v in arrays.items()}
+  runs = {}
+  for mode in ('shared', 'own'):
+    tf_keras.utils.set_random_seed(0)
+    head = (_linear_head(strategy, learning_rate=0.3, weight_decay=1e-2)
+            if mode == 'own' else None)
+    trainer = _tiny_trainer(strategy, arrays, 2 * B, linear_head=head)
+    before = [v.numpy() for v in trainer.model.trainable_variables]
+    grads = _head_gradients(trainer, batch, 1e-2 if head else WD)
+    outputs = trainer.train(tf.constant(1))
+    runs[mode] = (trainer, before, grads, outputs)
+  shared, own = runs['shared'][0], runs['own'][0]
+  for a, b in zip(runs['shared'][1], runs['own'][1]):  # the same start
+    np.testing.assert_array_equal(a, b)
+  encoder, head = trainer_lib.split_head_variables(
+      own.model, own.model.trainable_variables)
+  assert len(head) == 2 and len(encoder) > 2
+  assert not any(_has_slot(own.optimizer, v) for v in head)
+  assert all(_has_slot(own.optimizer, v) for v in encoder)
+  assert all(_has_slot(own.linear_head.optimizer, v) for v in head)
+  assert not any(_has_slot(own.linear_head.optimizer, v) for v in encoder)
+  assert all(_has_slot(shared.optimizer, v)
+             for v in shared.model.trainable_variables)
+  assert int(own.optimizer.iterations) == 1
+  assert int(own.linear_head.optimizer.iterations) == 1
+  for mode, factor in (('own', 0.3 * (1 + 0.9)), ('shared', LR)):
+    trainer, before, grads, _ = runs[mode]
+    # (The decay term of LARS's shared run spares the bias, which starts
+    # at 0, so _head_gradients' term on it is 0 too.)
+    old = dict(zip(map(id, trainer.model.trainable_variables), before))
+    for variable, grad in zip(trainer_lib.head_variables(trainer.model),
+                              grads):
+      assert np.abs(grad).max() > 1e-4
+      np.testing.assert_allclose(
+          variable.numpy(), old[id(variable)] - factor * grad,
+          rtol=1e-5, atol=1e-7, err_msg=mode)
+  shared_encoder, _ = trainer_lib.split_head_variables(
+      shared.model, shared.model.trainable_variables)
+  for a, b in zip(encoder, shared_encoder):
+    np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-6, atol=1e-7)
+  lr = runs['own'][3]
+  assert float(lr['train/linear_head_learning_rate']) == pytest.approx(0.3)
+  assert float(lr['train/learning_rate']) == pytest.approx(LR)
+  assert 'train/linear_head_learning_rate' not in runs['shared'][3]
+
+
+def test_linear_head_weight_decay_term_counts_both_groups():
+  """LARS encoder (no explicit term of its own) + a head optimizer with
+  wd 0.5: the term is 0.5·½‖head kernel and bias‖², as the step reports."""
+  strategy = _one_replica_strategy()
+  trainer = _tiny_trainer(strategy, _tiny_arrays(1, B), B,
+                          linear_head=_linear_head(strategy, 'adam',
+                                                   weight_decay=0.5))
+  trainer.model.head_supervised.bias.assign(
+      tf.fill([NUM_CLASSES], 0.25))
+  expected = 0.5 * sum(0.5 * np.sum(v.numpy() ** 2)
+                       for v in trainer.model.head_supervised.weights)
+  value = trainer_lib.weight_decay_loss(trainer.model, 'lars', WD,
+                                        trainer.linear_head)
+  assert float(value) == pytest.approx(expected, rel=1e-6)
+  assert float(trainer_lib.weight_decay_loss(
+      trainer.model, 'lars', 0.0, trainer_lib.LinearHead(None, 'adam', 0.0))
+  ) == 0.0
+  outputs = trainer.train(tf.constant(1))
+  assert float(outputs['train/weight_decay']) == pytest.approx(expected,
+                                                               rel=1e-6)
+
+
+def test_linear_head_skips_and_syncs_on_two_replicas(two_replicas):
+  """2 replicas, skip_nonfinite, an adam head: the bad step changes neither
+  optimizer's slots nor the head, and advances both iterations; the good
+  steps update the head identically on both replicas."""
+  arrays = _tiny_arrays(3, 2 * B, bad_batch=1, bad_row=B + 1,
+                        bad_value=np.inf)
+  head = _linear_head(two_replicas, 'adam')
+  trainer = _tiny_trainer(two_replicas, arrays, 2 * B, skip_nonfinite=True,
+                          linear_head=head)
+  local = two_replicas.experimental_local_results
+  trainer.train(tf.constant(1))
+  head_state = lambda: [c.numpy().copy() for v in (
+      trainer_lib.head_variables(trainer.model) + head.optimizer.variables())
+                        for c in local(v)]
+  before = head_state()
+  trainer.train(tf.constant(1))
+  assert trainer.nonfinite_report().first_step == 2
+  after = head_state()
+  assert int(head.optimizer.iterations.numpy()) == 2
+  assert int(trainer.global_step.numpy()) == 2
+  for x, y in zip(after, before):
+    if x.dtype.kind != 'i':
+      assert x.tobytes() == y.tobytes()
+  trainer.train(tf.constant(1))
+  assert int(head.optimizer.iterations.numpy()) == 3
+  kernel = local(trainer.model.head_supervised.kernel)
+  assert not np.array_equal(kernel[0].numpy(), before[0])
+  np.testing.assert_array_equal(kernel[0].numpy(), kernel[1].numpy())
+
+
+def test_linear_head_compiled_step_equals_uncompiled():
+  """float64, 2 steps with a momentum head: the XLA-compiled step gives the
+  same weights and both optimizers' slots."""
+  states = []
+  for jit_compile in (False, True):
+    tf_keras.utils.set_random_seed(0)
+    strategy = _one_replica_strategy()
+    trainer = _tiny_trainer(strategy, _tiny_arrays(2, B), B,
+                            precision='float64', jit_compile=jit_compile,
+                            linear_head=_linear_head(strategy))
+    trainer.train(tf.constant(2))
+    states.append([v.numpy() for v in trainer.model.trainable_variables +
+                   trainer.optimizer.variables() +
+                   trainer.linear_head.optimizer.variables()])
+  assert len(states[0]) == len(states[1])
+  for a, b in zip(*states):
+    np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)
+
+
+def test_linear_head_refuses_finetuning_and_loss_scaling():
+  strategy = _one_replica_strategy()
+  with pytest.raises(ValueError, match='supervised head of pretraining'):
+    _tiny_trainer(strategy, _tiny_arrays(1, B), B, train_mode='finetune',
+                  linear_head=_linear_head(strategy))
+  with pytest.raises(ValueError, match='LossScaleOptimizer'):
+    _tiny_trainer(strategy, _tiny_arrays(1, B), B, precision='float16',
+                  linear_head=_linear_head(strategy))
