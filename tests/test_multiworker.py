@@ -137,12 +137,12 @@ def run_single_process(model_dir, args, batch):
       cwd=REPO, capture_output=True, text=True, timeout=TIMEOUT,
       env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2', CUDA_VISIBLE_DEVICES=''))
   assert proc.returncode == 0, proc.stderr[-4000:]
-  return proc.stderr
+  return proc.stdout + proc.stderr  # orbit's lines: stdout; the log: stderr
 
 
 def _losses(text):
-  """{step: training loss} from orbit's per-loop output lines (logged
-  twice: through absl and print)."""
+  """{step: training loss} from orbit's per-loop output lines (printed
+  once, on stdout: run.setup_logging drops orbit's logged copy)."""
   steps = re.findall(r'train \| step: +(\d+) \| steps/sec', text)
   losses = re.findall(r"'train/loss': np\.float32\(([^)]*)\)", text)
   return dict(zip(map(int, steps), map(float, losses)))
