@@ -124,6 +124,12 @@ def build_objective(cfg, num_train_examples):
   return objective
 
 
+def epoch_steps(num_train_examples, global_batch_size):
+  """Steps of one epoch, round(N / B) (at least 1), as the original run.py
+  counts them for checkpoint_epochs and the periodic actions."""
+  return max(1, int(round(num_train_examples / global_batch_size)))
+
+
 def plan_steps(cfg, num_train_examples, objective=None):
   """Step arithmetic (SPEC §5): train steps, epoch, checkpoint and host-loop
   lengths.
@@ -138,13 +144,13 @@ def plan_steps(cfg, num_train_examples, objective=None):
   schedule, batch = cfg.schedule, cfg.data.train_batch_size
   train_steps = lars_optimizer.get_train_steps(
       num_train_examples, schedule.train_epochs, batch, schedule.train_steps)
-  epoch_steps = max(1, int(round(num_train_examples / batch)))
+  epoch = epoch_steps(num_train_examples, batch)
   checkpoint_steps = (cfg.checkpoint.checkpoint_steps or
-                      max(1, cfg.checkpoint.checkpoint_epochs * epoch_steps))
+                      max(1, cfg.checkpoint.checkpoint_epochs * epoch))
   knn_epochs = cfg.evaluation.knn_eval_epochs
-  periods = [(knn_epochs * epoch_steps, f'--knn_eval_epochs={knn_epochs}')]
+  periods = [(knn_epochs * epoch, f'--knn_eval_epochs={knn_epochs}')]
   if objective is not None:
-    periods.append((objective.action_period_steps(epoch_steps),
+    periods.append((objective.action_period_steps(epoch),
                     f'--objective={cfg.objective_name}'))
   requested = schedule.steps_per_loop or checkpoint_steps
   steps_per_loop, reason = requested, None
@@ -162,10 +168,10 @@ def plan_steps(cfg, num_train_examples, objective=None):
         '--checkpoint_steps, because %s; pass --steps_per_loop=%d to keep '
         'long loops (that work then runs at the first loop boundary after '
         'each due step).', steps_per_loop, requested, reason, requested)
-  return StepPlan(train_steps=train_steps, epoch_steps=epoch_steps,
+  return StepPlan(train_steps=train_steps, epoch_steps=epoch,
                   checkpoint_steps=checkpoint_steps,
                   steps_per_loop=steps_per_loop,
-                  knn_eval_steps=knn_epochs * epoch_steps)
+                  knn_eval_steps=knn_epochs * epoch)
 
 
 # The checkpoint key of float16's dynamic loss scale.

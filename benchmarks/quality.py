@@ -205,11 +205,6 @@ def check_output_dir(output_dir, dataset):
         f'(or remove that file).')
 
 
-def epoch_steps(num_train, batch_size):
-  """Steps of one epoch, as run.py counts them."""
-  return max(1, int(round(num_train / batch_size)))
-
-
 def format_seconds(seconds):
   minutes, secs = divmod(int(round(seconds)), 60)
   return f'{minutes} min {secs:02d} s' if minutes else f'{secs} s'
@@ -221,6 +216,7 @@ def pretrain(objective, args, dataset, model_dir, subset_path, extra,
   import tensorflow as tf
   import tf_keras
   import config
+  import experiment
   import run
   settings = {
       'dataset': dataset, 'data_dir': args.data_dir,
@@ -256,7 +252,8 @@ def pretrain(objective, args, dataset, model_dir, subset_path, extra,
   final_step = int(tf.train.latest_checkpoint(model_dir).rsplit('-', 1)[1])
   return {'seconds': round(seconds, 1), 'knn_history': history,
           'final_step': final_step,
-          'final_epoch': final_step / epoch_steps(num_train, args.batch_size),
+          'final_epoch': final_step / experiment.epoch_steps(
+              num_train, args.batch_size),
           'flags': {k: v for k, v in settings.items() if k in specific},
           'command': ' '.join(argv)}
 
@@ -350,6 +347,7 @@ def main(argv=None):
     print(f'quality benchmark skipped: {reason}.')
     return None
   import data as data_lib
+  import experiment
   import objective as obj_lib
   import run  # registers the objectives; its logging set-up
   from imagenet_subsets import subsets
@@ -401,7 +399,8 @@ def main(argv=None):
     else:
       eta = 'ETA once the first objective is done'
     print(f'[{i + 1}/{len(objectives)}] pretraining {name}: {args.epochs} '
-          f'epoch(s) of {epoch_steps(num_train, args.batch_size)} steps on '
+          f'epoch(s) of '
+          f'{experiment.epoch_steps(num_train, args.batch_size)} steps on '
           f'{num_train} images; {eta}', flush=True)
     start = time.time()
     model_dir = os.path.join(workdir, objective)
