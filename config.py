@@ -33,6 +33,10 @@ FLAGS = flags.FLAGS
 # (lars_optimizer.build_optimizer names).
 LINEAR_HEAD_SHARED = 'shared'
 LINEAR_HEAD_OPTIMIZERS = (LINEAR_HEAD_SHARED, 'momentum', 'adam')
+# --linear_head_input: what that head is trained on ('views': the original).
+LINEAR_HEAD_INPUTS = ('views', 'clean')
+# --linear_head_schedule: the shape of its own optimizer's learning rate.
+LINEAR_HEAD_SCHEDULES = ('cosine', 'constant')
 
 
 class ConfigError(ValueError):
@@ -127,8 +131,8 @@ def define_flags(flag_values=FLAGS):
               '(the original): the encoder\'s --optimizer and learning rate, '
               'with --weight_decay as a loss term. momentum (Nesterov SGD, '
               '--momentum) or adam: an optimizer of its own with '
-              '--linear_head_learning_rate (the same warm-up and cosine '
-              'shape and --learning_rate_scaling as the encoder) and '
+              '--linear_head_learning_rate (--learning_rate_scaling as the '
+              'encoder, shaped by --linear_head_schedule) and '
               '--linear_head_weight_decay; the encoder\'s optimizer then '
               'never sees the head. Not with --train_mode=finetune (the '
               'head is the model being trained) nor --precision=float16.')
@@ -138,12 +142,28 @@ def define_flags(flag_values=FLAGS):
               'BN without scale and offset (its moving statistics are '
               'checkpointed with the head), as evaluate.py standardises '
               'them for its logistic regression.')
+  DEFINE_enum('linear_head_input', 'views', list(LINEAR_HEAD_INPUTS),
+              'Pretraining with --lineareval_while_pretraining only: what '
+              'the linear head is trained on. views (the original): the '
+              'stop-gradient features of every augmented view. clean: those '
+              'of one extra unaugmented view per example (the eval '
+              'preprocessing), with the encoder in inference mode: the '
+              'features eval and evaluate.py score, so the printed head '
+              'accuracy tracks a linear evaluation (one more forward pass '
+              'of b images per step, no backward).')
   DEFINE_float('linear_head_learning_rate', 0.01,
                'Base learning rate of the linear head with '
                '--linear_head_optimizer=momentum|adam (scaled by '
-               '--learning_rate_scaling, warmed up and cosine-decayed as '
-               '--learning_rate). The default is the quick start\'s '
-               'measured rate for adam.')
+               '--learning_rate_scaling, shaped by --linear_head_schedule). '
+               'The default is the quick start\'s measured rate for adam.')
+  DEFINE_enum('linear_head_schedule', 'cosine', list(LINEAR_HEAD_SCHEDULES),
+              'With --linear_head_optimizer=momentum|adam: the shape of the '
+              'head\'s learning rate. cosine: the encoder\'s warm-up and '
+              'cosine decay to 0. constant: the scaled '
+              '--linear_head_learning_rate at every step, so that the head '
+              'keeps up with the encoder\'s features to the last step (with '
+              'the cosine a head that stops learning as its rate decays '
+              'ends below a linear evaluation of the final encoder).')
   DEFINE_float('linear_head_weight_decay', 0.0,
                'wd·½‖w‖² over the linear head\'s kernel and bias, in the '
                'loss, with --linear_head_optimizer=momentum|adam.')
@@ -415,6 +435,7 @@ class ModelConfig:
   num_classes: int = 0  # 0: from the dataset
   lineareval_while_pretraining: bool = True
   linear_head_batch_norm: bool = False
+  linear_head_input: str = 'views'  # LINEAR_HEAD_INPUTS
   fine_tune_after_block: int = -1
   zero_init_logits_layer: bool = False
 
@@ -428,6 +449,7 @@ class OptimizerConfig:
   weight_decay: float = 1e-6
   linear_head_optimizer: str = 'shared'  # LINEAR_HEAD_OPTIMIZERS
   linear_head_learning_rate: float = 0.01
+  linear_head_schedule: str = 'cosine'  # LINEAR_HEAD_SCHEDULES
   linear_head_weight_decay: float = 0.0
 
 
@@ -792,12 +814,14 @@ def _linear_head_errors(fv):
   alongside pretraining, and its flags mean nothing without it."""
   errors = []
   own = fv.linear_head_optimizer != LINEAR_HEAD_SHARED
-  if fv.linear_head_batch_norm and (fv.train_mode != 'pretrain' or
-                                    not fv.lineareval_while_pretraining):
-    errors.append('--linear_head_batch_norm standardises the features of '
-                  'the head trained while pretraining: it needs '
-                  '--train_mode=pretrain and '
-                  '--lineareval_while_pretraining=true.')
+  for name, given in (('linear_head_batch_norm', fv.linear_head_batch_norm),
+                      ('linear_head_input=clean',
+                       fv.linear_head_input == 'clean')):
+    if given and (fv.train_mode != 'pretrain' or
+                  not fv.lineareval_while_pretraining):
+      errors.append(f'--{name} concerns the linear head trained while '
+                    'pretraining: it needs --train_mode=pretrain and '
+                    '--lineareval_while_pretraining=true.')
   if own and fv.train_mode != 'pretrain':
     errors.append(f'--linear_head_optimizer={fv.linear_head_optimizer} '
                   'applies to pretraining only; with --train_mode=finetune '
@@ -813,7 +837,8 @@ def _linear_head_errors(fv):
                   'scale belongs to the encoder\'s optimizer alone. Use '
                   '--linear_head_optimizer=shared, or bfloat16 / float32.')
   if not own:
-    for name in ('linear_head_learning_rate', 'linear_head_weight_decay'):
+    for name in ('linear_head_learning_rate', 'linear_head_weight_decay',
+                 'linear_head_schedule'):
       if _flag_given(fv, name):
         errors.append(f'--{name} is used only with --linear_head_optimizer='
                       'momentum or adam (it is shared, the encoder\'s '

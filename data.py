@@ -951,7 +951,7 @@ def _record_stream(source, split, order_key, input_context, rows,
 def train_view_fn(image_size, num_views=2, train_mode='pretrain',
                   color_jitter_strength=1.0, use_blur=True,
                   crop_area_min=0.08, randaugment=None, seed=None,
-                  blur_on_device=False):
+                  blur_on_device=False, clean_view=False):
   """`views(example, epoch)`: the training views of one example, the one
   view function of the training input and of `preview_batch`.
 
@@ -963,6 +963,9 @@ def train_view_fn(image_size, num_views=2, train_mode='pretrain',
   each carries its drawn σ in 'blur_sigma' (float32 [V], 0 = not blurred)
   and is left before its blur and final clip, for
   `data_util.finish_views` to finish on the accelerator.
+  `clean_view` (--linear_head_input=clean): the result also holds
+  'clean_image', float32 [H, W, 3], the example's `eval_view` (no
+  augmentation), for the linear head trained alongside pretraining.
   """
   if train_mode not in ('pretrain', 'finetune'):
     raise ValueError(f"train_mode must be 'pretrain' or 'finetune', got "
@@ -1001,6 +1004,8 @@ def train_view_fn(image_size, num_views=2, train_mode='pretrain',
               'label': example['label'], 'id': example['id']}
     if defer_blur:
       result['blur_sigma'] = out[1]
+    if clean_view:
+      result['clean_image'] = eval_view(example['image'], image_size)
     return result
   return views
 
@@ -1026,14 +1031,15 @@ def build_input_fn(source, split, global_batch_size, is_training, image_size,
                    color_jitter_strength=1.0, use_blur=True,
                    crop_area_min=0.08, randaugment=None, cache_dataset=False,
                    shuffle_buffer=None, seed=None, start_step=0,
-                   blur_on_device=False, input_threads=0,
+                   blur_on_device=False, clean_view=False, input_threads=0,
                    input_ram_budget_gb=0):
   """Returns `input_fn(input_context=None) -> tf.data.Dataset` of batches.
 
   Batch: {'image': float32 [b, H, W, 3V], 'label': int32 [b], 'id': int32
   [b]}, b = per-replica batch (global batch when no context). Training
   views: `train_view_fn` (its arguments; with `blur_on_device` the batch
-  also holds 'blur_sigma' [b, V] and the trainer finishes the views); eval
+  also holds 'blur_sigma' [b, V] and the trainer finishes the views; with
+  `clean_view`, 'clean_image' [b, H, W, 3]); eval
   -> 1 view, centre crop only if image_size > 32.
 
   Training (endless, drop_remainder) is a pure function of (`seed`, step),
@@ -1065,7 +1071,7 @@ def build_input_fn(source, split, global_batch_size, is_training, image_size,
         image_size, num_views=num_views, train_mode=train_mode,
         color_jitter_strength=color_jitter_strength, use_blur=use_blur,
         crop_area_min=crop_area_min, randaugment=randaugment, seed=seed,
-        blur_on_device=blur_on_device)
+        blur_on_device=blur_on_device, clean_view=clean_view)
 
   def train_input_fn(input_context):
     rows, first_row, batch_size = _pipeline_rows(global_batch_size,

@@ -226,17 +226,23 @@ LINEAR_HEAD_OPTIMIZER_KEY = 'linear_head_optimizer'
 def build_linear_head(cfg, num_train_examples, train_steps):
   """The `trainer.LinearHead` of --linear_head_optimizer (call inside the
   strategy scope), or None when the encoder's optimizer trains the head
-  (shared). Its learning rate has the encoder's warm-up and cosine shape
-  and --learning_rate_scaling, with base --linear_head_learning_rate; its
-  decay is a loss term (`trainer.weight_decay_loss`)."""
+  (shared). Its learning rate: base --linear_head_learning_rate with
+  --learning_rate_scaling, in the encoder's warm-up and cosine shape or
+  constant (--linear_head_schedule); its decay is a loss term
+  (`trainer.weight_decay_loss`)."""
   opt = cfg.optimizer
   if opt.linear_head_optimizer == config_lib.LINEAR_HEAD_SHARED:
     return None
-  schedule = lars_optimizer.WarmUpAndCosineDecay(
-      opt.linear_head_learning_rate, num_train_examples,
-      cfg.data.train_batch_size, warmup_epochs=cfg.schedule.warmup_epochs,
-      total_steps=train_steps,
-      learning_rate_scaling=cfg.schedule.learning_rate_scaling)
+  if opt.linear_head_schedule == 'constant':
+    schedule = lars_optimizer.ConstantLearningRate(
+        opt.linear_head_learning_rate, cfg.data.train_batch_size,
+        learning_rate_scaling=cfg.schedule.learning_rate_scaling)
+  else:
+    schedule = lars_optimizer.WarmUpAndCosineDecay(
+        opt.linear_head_learning_rate, num_train_examples,
+        cfg.data.train_batch_size, warmup_epochs=cfg.schedule.warmup_epochs,
+        total_steps=train_steps,
+        learning_rate_scaling=cfg.schedule.learning_rate_scaling)
   optimizer = lars_optimizer.build_optimizer(
       opt.linear_head_optimizer, schedule, momentum=opt.momentum)
   return trainer_lib.LinearHead(optimizer, opt.linear_head_optimizer,
@@ -300,6 +306,8 @@ class Experiment:
     self.data = build_data(cfg)
     self.objective = build_objective(cfg, self.data.num_train_examples)
     self.num_views = self.objective.num_views if self.objective else 1
+    # --linear_head_input=clean: the batches carry one clean view each.
+    self.head_on_clean_views = cfg.model.linear_head_input == 'clean'
     self.steps = plan_steps(cfg, self.data.num_train_examples, self.objective)
     size = cfg.data.image_size
     dummy = tf.zeros([1, size, size, 3 * self.num_views])
@@ -525,7 +533,8 @@ class Experiment:
                 use_blur=data.use_blur, crop_area_min=data.crop_area_min,
                 seed=int(self.input_seed.numpy()),
                 randaugment=self.randaugment(),
-                blur_on_device=data.blur_on_device)
+                blur_on_device=data.blur_on_device,
+                clean_view=self.head_on_clean_views)
 
   def train_input_fn(self, batch_size, start_step=0):
     """Augmented training batches of train_split (`num_views` views),
@@ -622,7 +631,8 @@ class Experiment:
           skip_nonfinite=cfg.schedule.skip_nonfinite_steps > 0,
           stop_within_loop=not self.multi_worker,
           jit_compile=cfg.distribution.jit_compile,
-          linear_head=self.linear_head)
+          linear_head=self.linear_head,
+          head_on_clean_views=self.head_on_clean_views)
       self.trainer = trainer
       train_actions = self.train_actions()
     self.actions = train_actions

@@ -170,6 +170,44 @@ def _check_choice(value, allowed, what):
 
 
 @tf_keras.utils.register_keras_serializable(package='simclr')
+def scale_learning_rate(base_learning_rate, train_batch_size,
+                        learning_rate_scaling='linear'):
+  """lr · B / 256 (linear) or lr · sqrt(B) (sqrt)."""
+  _check_choice(learning_rate_scaling, LEARNING_RATE_SCALINGS,
+                'learning_rate_scaling')
+  if learning_rate_scaling == 'linear':
+    return base_learning_rate * train_batch_size / 256.
+  return base_learning_rate * math.sqrt(train_batch_size)
+
+
+class ConstantLearningRate(tf_keras.optimizers.schedules.LearningRateSchedule):
+  """`scale_learning_rate(...)` at every step: no warm-up, no decay. For
+  the linear head trained on clean views (--linear_head_schedule=constant),
+  which must keep up with the encoder's moving features to the last step.
+  A schedule rather than a float, so that the rate is not an optimizer
+  variable (checkpointed, and restored over a changed flag)."""
+
+  def __init__(self, base_learning_rate, train_batch_size,
+               learning_rate_scaling='linear', name=None):
+    super().__init__()
+    self.base_learning_rate = base_learning_rate
+    self.train_batch_size = train_batch_size
+    self.learning_rate_scaling = learning_rate_scaling
+    self.scaled_learning_rate = scale_learning_rate(
+        base_learning_rate, train_batch_size, learning_rate_scaling)
+    self._name = name
+
+  def __call__(self, step):
+    del step
+    return tf.constant(self.scaled_learning_rate, tf.float32)
+
+  def get_config(self):
+    return {'base_learning_rate': self.base_learning_rate,
+            'train_batch_size': self.train_batch_size,
+            'learning_rate_scaling': self.learning_rate_scaling,
+            'name': self._name}
+
+
 class WarmUpAndCosineDecay(tf_keras.optimizers.schedules.LearningRateSchedule):
   """Linear warm-up from 0 to the scaled LR, then cosine decay to 0.
 
@@ -196,9 +234,9 @@ class WarmUpAndCosineDecay(tf_keras.optimizers.schedules.LearningRateSchedule):
 
   @property
   def scaled_learning_rate(self):
-    if self.learning_rate_scaling == 'linear':
-      return self.base_learning_rate * self.train_batch_size / 256.
-    return self.base_learning_rate * math.sqrt(self.train_batch_size)
+    return scale_learning_rate(self.base_learning_rate,
+                               self.train_batch_size,
+                               self.learning_rate_scaling)
 
   @property
   def warmup_steps(self):

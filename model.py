@@ -246,7 +246,8 @@ class Model(tf_keras.models.Model):
 
   Returns (projection_head_outputs, supervised_head_outputs):
     pretrain: (projections [V·b, d], logits on stop_gradient(features) of
-      every view, or None when lineareval_while_pretraining is off);
+      every view, or None when lineareval_while_pretraining is off or
+      head_on_views is False);
     finetune: (None, logits on the features selected by ft_proj_selector).
 
   The sub-layers are the attributes `base_model`, `head_contrastive` and
@@ -348,21 +349,36 @@ class Model(tf_keras.models.Model):
             for ours, original in SERVING_OUTPUTS.items()
             if original in outputs}
 
-  def call(self, inputs, training=False):
+  def call(self, inputs, training=False, head_on_views=True):
+    """`head_on_views=False` (pretraining with --linear_head_input=clean):
+    the supervised head is not run on the views; the trainer runs it on
+    `head_features` of the clean views instead."""
     features = stack_views(inputs)
     hiddens = self.base_model(features, training=training)
     projections, supervised_inputs = self.head_contrastive(
         hiddens, training=training)
     projections = tf.cast(projections, self.dtype)
     if self.train_mode == 'finetune':
-      return None, tf.cast(
-          self.head_supervised(supervised_inputs, training=training),
-          self.dtype)
-    if self.head_supervised is not None:
-      logits = self.head_supervised(
+      return None, self.supervised_logits(supervised_inputs,
+                                          training=training)
+    if self.head_supervised is not None and head_on_views:
+      return projections, self.supervised_logits(
           tf.stop_gradient(supervised_inputs), training=training)
-      return projections, tf.cast(logits, self.dtype)
     return projections, None
+
+  def head_features(self, images):
+    """The stop-gradient features the supervised head reads
+    (ft_proj_selector), of single-view `images` in inference mode (BN
+    moving averages): what eval and evaluate.py see, for a pretraining head
+    trained on clean views (--linear_head_input=clean)."""
+    hiddens = self.base_model(images, training=False)
+    _, supervised_inputs = self.head_contrastive(hiddens, training=False)
+    return tf.stop_gradient(supervised_inputs)
+
+  def supervised_logits(self, features, training=False):
+    """The supervised head on `features`, cast to the variable dtype."""
+    return tf.cast(self.head_supervised(features, training=training),
+                   self.dtype)
 
 
 class MomentumEncoder(tf_keras.Model):

@@ -8,7 +8,8 @@ supervised head (linear eval while pretraining, or fine-tuning) and the
 explicit weight-decay term; the sum is divided by the number of replicas
 because gradients are summed across replicas (SPEC §4). The linear head of
 pretraining is trained by the encoder's optimizer, or by its own
-(`LinearHead`, --linear_head_optimizer). With `jit_compile`
+(`LinearHead`, --linear_head_optimizer), on the augmented views or on one
+clean view per example (--linear_head_input). With `jit_compile`
 (--jit_compile) that whole replica step is one XLA computation; it needs
 a one-device (or the default) strategy (`check_jit_compile`).
 
@@ -179,12 +180,20 @@ class Trainer(orbit.StandardTrainer):
   def __init__(self, strategy, model, optimizer, objective, train_dataset,
                train_mode='pretrain', optimizer_name='lars',
                weight_decay=0.0, momentum_encoder=None, skip_nonfinite=False,
-               stop_within_loop=True, jit_compile=False, linear_head=None):
+               stop_within_loop=True, jit_compile=False, linear_head=None,
+               head_on_clean_views=False):
     """`linear_head` (a `LinearHead`, pretraining with a supervised head):
     the head's variables get their gradients from its optimizer, the
     others from `optimizer`; both apply in the same step, or (skipped
     step) neither, and both advance their `iterations`. Not with a
     LossScaleOptimizer (its loss scale would govern only the encoder).
+
+    `head_on_clean_views` (pretraining with a supervised head;
+    --linear_head_input=clean): the head is trained on the stop-gradient
+    features of the batch's 'clean_image' (one eval-preprocessed view per
+    example, `data.train_view_fn(clean_view=True)`) in inference mode
+    (`Model.head_features`), the features that eval and evaluate.py score,
+    instead of (False, the original) those of every augmented view.
 
     `momentum_encoder` (a `model.MomentumEncoder`, pretraining only):
     its projections of each batch go to `objective.loss` as `keys`, and it
@@ -243,6 +252,12 @@ class Trainer(orbit.StandardTrainer):
                          'LossScaleOptimizer: its dynamic loss scale would '
                          'govern only the encoder\'s gradients.')
     self.linear_head = linear_head
+    if head_on_clean_views and (train_mode != 'pretrain' or
+                                not head_variables(model)):
+      raise ValueError('head_on_clean_views trains the supervised head of '
+                       'pretraining (--lineareval_while_pretraining); this '
+                       f'model has none in train_mode={train_mode}.')
+    self.head_on_clean_views = bool(head_on_clean_views)
     # The replica step as orbit's loop calls it: XLA-compiled or not.
     self.compiled_step = None
     if jit_compile and not is_tpu(strategy):
@@ -370,9 +385,16 @@ class Trainer(orbit.StandardTrainer):
     if self.momentum_encoder is not None:
       keys = tf.stop_gradient(
           self.momentum_encoder(batch['image'], training=True))
+    head_features = None
+    if self.head_on_clean_views:  # no gradient: outside the tape
+      head_features = self.model.head_features(batch['clean_image'])
     terms = {}
     with tf.GradientTape() as tape:
-      projections, logits = self.model(batch['image'], training=True)
+      projections, logits = self.model(
+          batch['image'], training=True,
+          head_on_views=not self.head_on_clean_views)
+      if head_features is not None:
+        logits = self.model.supervised_logits(head_features, training=True)
       loss = tf.constant(0.0, self.loss_dtype)
       scalars = {}
       if self.train_mode == 'pretrain':

@@ -123,7 +123,15 @@ def test_parse_num_clusters():
     (['--linear_head_optimizer=adam', '--linear_head_weight_decay=-1'],
      '--linear_head_weight_decay must not be negative'),
     (['--linear_head_batch_norm', '--train_mode=finetune'],
-     '--linear_head_batch_norm standardises the features'),
+     '--linear_head_batch_norm concerns the linear head trained while '
+     'pretraining'),
+    (['--linear_head_schedule=constant'],
+     '--linear_head_schedule is used only with'),
+    (['--linear_head_input=clean', '--train_mode=finetune'],
+     '--linear_head_input=clean concerns the linear head trained while '
+     'pretraining'),
+    (['--linear_head_input=clean', '--lineareval_while_pretraining=false'],
+     '--linear_head_input=clean concerns the linear head'),
 ])
 def test_validation_names_the_flags(tmp_path, args, expected):
   with pytest.raises(config_lib.ConfigError, match='invalid flags') as info:
@@ -186,14 +194,21 @@ def test_linear_head_flags_reach_the_config(tmp_path):
   default = config_lib.from_argv(common)
   assert default.optimizer.linear_head_optimizer == 'shared'
   assert not default.model.linear_head_batch_norm
+  assert default.model.linear_head_input == 'views'
   cfg = config_lib.from_argv(common + [
       '--linear_head_optimizer=adam', '--linear_head_learning_rate=0.02',
-      '--linear_head_weight_decay=1e-5', '--linear_head_batch_norm'])
+      '--linear_head_weight_decay=1e-5', '--linear_head_batch_norm',
+      '--linear_head_input=clean', '--linear_head_schedule=constant'])
+  assert cfg.model.linear_head_input == 'clean'
+  assert cfg.optimizer.linear_head_schedule == 'constant'
+  assert default.optimizer.linear_head_schedule == 'cosine'
   assert cfg.optimizer.linear_head_optimizer == 'adam'
   assert cfg.optimizer.linear_head_learning_rate == 0.02
   assert cfg.optimizer.linear_head_weight_decay == 1e-5
   assert cfg.model.linear_head_batch_norm
   with pytest.raises(Exception, match='linear_head_optimizer'):
     config_lib.from_argv(common + ['--linear_head_optimizer=sgd'])
+  with pytest.raises(Exception, match='linear_head_input'):
+    config_lib.from_argv(common + ['--linear_head_input=augmented'])
   assert 'linear_head_optimizer' in config_lib.IDENTITY_FLAGS
   assert 'linear_head_batch_norm' in config_lib.IDENTITY_FLAGS

@@ -137,7 +137,8 @@ SOURCES = {
         'lineareval_while_pretraining': 'true', 'mode': 'train_then_eval',
         # The head's own optimizer, measured in the README.
         'linear_head_optimizer': 'adam', 'linear_head_learning_rate': '0.01',
-        'linear_head_batch_norm': 'true',
+        'linear_head_batch_norm': 'true', 'linear_head_input': 'clean',
+        'linear_head_schedule': 'constant',
         'checkpoint_epochs': '1',
         'eval_batch_size': '360'}),
     'quickstart_linear_eval.cfg': Source('README "Quick start"', {
@@ -162,7 +163,8 @@ SOURCES = {
         'use_blur': 'false', 'color_jitter_strength': '0.5',
         'lineareval_while_pretraining': 'true',
         'linear_head_optimizer': 'adam', 'linear_head_learning_rate': '0.01',
-        'linear_head_batch_norm': 'true', 'knn_eval_epochs': '2',
+        'linear_head_batch_norm': 'true', 'linear_head_input': 'clean',
+        'linear_head_schedule': 'constant', 'knn_eval_epochs': '2',
         'checkpoint_epochs': '1', 'mode': 'train_then_eval'}),
     'simclr_cifar10_r18.cfg': Source(SIMCLR_README, SIMCLR_CIFAR10_COMMAND),
     'simclr_cifar10_r50.cfg': Source(SIMCLR_README, {

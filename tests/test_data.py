@@ -695,6 +695,27 @@ def test_blur_on_device_batches_carry_the_blur_draws(digits_source):
     assert 'blur_sigma' not in fn().element_spec, kwargs
 
 
+def test_clean_view_is_the_eval_view_of_each_example(digits_source):
+  """clean_view (--linear_head_input=clean): each row's 'clean_image' is
+  the eval preprocessing of that example's image (no augmentation), and
+  the augmented views are the same as without it."""
+  images, _ = digits_source.arrays('train')
+  for size in (16, 40):  # 40: above 32 px the eval view is a centre crop
+    def batches(**kwargs):
+      fn = data.build_input_fn(digits_source, 'train', 6, is_training=True,
+                               image_size=size, seed=3, **kwargs)
+      return list(fn().take(2).as_numpy_iterator())
+    plain, clean = batches(), batches(clean_view=True)
+    assert 'clean_image' not in plain[0]
+    for p, c in zip(plain, clean):
+      np.testing.assert_array_equal(c['image'], p['image'])
+      assert c['clean_image'].shape == (6, size, size, 3)
+      for row, i in enumerate(c['id']):
+        expected = data.eval_view(tf.constant(images[i]), size).numpy()
+        np.testing.assert_array_equal(c['clean_image'][row], expected)
+        assert np.abs(c['image'][row, ..., :3] - expected).max() > 1e-2
+
+
 def test_train_options_land_on_the_dataset(digits_source):
   """input_threads / input_ram_budget_gb become the training dataset's
   tf.data options; 0 leaves TF's defaults."""

@@ -407,6 +407,35 @@ def test_jit_compile_with_two_replicas_is_refused_before_anything_is_written(
 # ------------------------------------------ the linear head's own optimizer
 
 
+def test_linear_head_schedule_and_clean_views_reach_the_trainer(tmp_path):
+  """--linear_head_schedule=constant gives the head optimizer the scaled
+  rate at every step (cosine: the encoder's shape, 0 at the end);
+  --linear_head_input=clean gives the training batches a clean view and
+  the trainer the head on it."""
+  common = dict(optimizer={'linear_head_optimizer': 'adam',
+                           'linear_head_learning_rate': 0.02})
+  schedules = {}
+  for name in ('constant', 'cosine'):
+    cfg = tiny(tmp_path / name, **common)
+    cfg = dataclasses.replace(cfg, optimizer=dataclasses.replace(
+        cfg.optimizer, linear_head_schedule=name))
+    head = experiment_lib.build_linear_head(cfg, 1000, train_steps=50)
+    schedules[name] = [float(head.optimizer.learning_rate(s))
+                       for s in (0, 25, 50)]
+  assert schedules['constant'] == pytest.approx([0.02 * 32 / 256] * 3)
+  assert schedules['cosine'][-1] == 0.0
+  cfg = tiny(tmp_path / 'clean', model={'linear_head_input': 'clean'},
+             **common)
+  experiment = experiment_lib.Experiment(cfg, tf.distribute.get_strategy())
+  batch = next(iter(experiment.train_input_fn(8)()))
+  assert batch['clean_image'].shape == (8, 16, 16, 3)
+  trainer = experiment.controller(True, False).trainer
+  assert trainer.head_on_clean_views
+  plain = experiment_lib.Experiment(tiny(tmp_path / 'views'),
+                                    tf.distribute.get_strategy())
+  assert 'clean_image' not in next(iter(plain.train_input_fn(8)()))
+
+
 def test_linear_head_optimizer_state_is_checkpointed(tmp_path):
   """--linear_head_optimizer=adam --linear_head_batch_norm, 2 steps: the
   checkpoint holds the head optimizer's step and its slots for exactly the

@@ -1,6 +1,8 @@
 """Tests for lars_optimizer: LARS vs NumPy (single device and mirrored),
 the warm-up + cosine schedule, weight-decay loss and optimizer construction."""
 import math
+import os
+import tempfile
 
 import numpy as np
 import pytest
@@ -274,6 +276,27 @@ def test_schedule_get_config_and_bad_scaling():
   assert restored.get_config() == sched.get_config()
   with pytest.raises(ValueError, match='linear.*sqrt'):
     lo.WarmUpAndCosineDecay(0.3, 1000, 64, learning_rate_scaling='cubic')
+
+
+def test_constant_schedule_is_the_scaled_rate_at_every_step():
+  """--linear_head_schedule=constant: lr·B/256 (linear) or lr·√B (sqrt) at
+  every step, no warm-up; a schedule, so an optimizer keeps no
+  learning-rate variable in its checkpoint; bad scaling refused."""
+  linear = lo.ConstantLearningRate(0.01, 512)
+  sqrt = lo.ConstantLearningRate(0.01, 64, learning_rate_scaling='sqrt')
+  for step in (0, 1, 10**6):
+    assert float(linear(step)) == pytest.approx(0.02)
+    assert float(sqrt(step)) == pytest.approx(0.08)
+  clone = lo.ConstantLearningRate.from_config(sqrt.get_config())
+  assert clone.get_config() == sqrt.get_config()
+  optimizer = lo.build_optimizer('adam', linear)
+  variable = tf.Variable([1.0, 2.0])
+  optimizer.apply_gradients([(tf.constant([1.0, 1.0]), variable)])
+  keys = [k for k, _ in tf.train.list_variables(tf.train.Checkpoint(
+      optimizer=optimizer).write(os.path.join(tempfile.mkdtemp(), 'c')))]
+  assert not [k for k in keys if 'learning_rate' in k], keys
+  with pytest.raises(ValueError, match='linear.*sqrt'):
+    lo.ConstantLearningRate(0.01, 64, learning_rate_scaling='cubic')
 
 
 def test_get_train_steps():

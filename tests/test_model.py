@@ -220,6 +220,34 @@ def test_pretrain_logits_view_major():
                          atol=1e-5)
 
 
+def test_head_features_are_the_inference_features_of_clean_views():
+  """--linear_head_input=clean: `head_features` are the ResNet features of
+  single-view images in inference mode (after training-mode steps moved the
+  BN statistics), with no gradient; `call(head_on_views=False)` skips the
+  head on the views but leaves the projections as they are."""
+  model = _model(batch_norm_decay=0.5)
+  views = _images(b=4, views=2, seed=1)
+  model(views, training=True)  # moves the BN moving statistics
+  clean = _images(b=4, seed=2)
+  expected = model.simclr_outputs(clean, training=False)['final_avg_pool']
+  with tf.GradientTape() as tape:
+    features = model.head_features(clean)
+    loss = tf.reduce_sum(model.supervised_logits(features, training=True))
+  np.testing.assert_allclose(features.numpy(), expected.numpy(), rtol=1e-6,
+                             atol=1e-6)
+  batch_features = model.simclr_outputs(clean, training=True)[
+      'final_avg_pool']
+  assert np.abs(features.numpy() - batch_features.numpy()).max() > 1e-3
+  grads = tape.gradient(loss, model.base_model.trainable_variables +
+                        model.head_supervised.trainable_variables)
+  assert all(g is None for g in grads[:-2])
+  assert all(g is not None and np.any(g.numpy()) for g in grads[-2:])
+  projections, logits = model(views, training=False, head_on_views=False)
+  assert logits is None
+  np.testing.assert_allclose(projections.numpy(),
+                             model(views, training=False)[0].numpy())
+
+
 def test_no_lineareval_no_supervised_head():
   model = _model(lineareval_while_pretraining=False)
   projections, logits = model(_images(views=2), training=True)

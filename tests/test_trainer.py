@@ -907,6 +907,71 @@ def test_linear_head_optimizer_alone_updates_the_head():
   assert 'train/linear_head_learning_rate' not in runs['shared'][3]
 
 
+def test_head_on_clean_views_learns_from_their_inference_features():
+  """head_on_clean_views (--linear_head_input=clean), a momentum head
+  (lr 0.3): one step moves the head by its Nesterov step on the
+  cross-entropy of the clean views' inference-mode features taken before
+  the step, and the encoder exactly as when the head learns on the views
+  (the head never reaches it either way)."""
+  strategy = _one_replica_strategy()
+  arrays = _dataset_arrays(n=B)
+  rng = np.random.default_rng(7)
+  arrays['clean_image'] = rng.uniform(size=(B, SIZE, SIZE, 3)).astype(
+      np.float32)
+  weights = _reference_weights(_build_model(strategy, True))
+  results = {}
+  for clean in (False, True):
+    model = _build_model(strategy, True)
+    model.set_weights(weights)
+    with strategy.scope():
+      optimizer = lars_optimizer.build_optimizer('lars', LR,
+                                                 weight_decay=WD)
+    head = _linear_head(strategy, learning_rate=0.3, weight_decay=0.0)
+    trainer = trainer_lib.Trainer(
+        strategy, model, optimizer, obj_lib.SimCLR(temperature=0.2),
+        _distributed(strategy, arrays, B), optimizer_name='lars',
+        weight_decay=WD, linear_head=head, head_on_clean_views=clean)
+    head_vars = trainer_lib.head_variables(model)
+    before = [v.numpy() for v in head_vars]
+    features = model.head_features(tf.constant(arrays['clean_image']))
+    with tf.GradientTape() as tape:
+      logits = model.supervised_logits(features, training=True)
+      loss = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(
+          labels=arrays['label'], logits=logits))
+    grads = tape.gradient(loss, head_vars)
+    accuracy = np.mean(np.argmax(logits.numpy(), -1) == arrays['label'])
+    outputs = trainer.train(tf.constant(1))
+    encoder, _ = trainer_lib.split_head_variables(
+        model, model.trainable_variables)
+    results[clean] = [v.numpy() for v in encoder]
+    if clean:
+      for variable, old, grad in zip(head_vars, before, grads):
+        assert np.abs(grad.numpy()).max() > 1e-4
+        np.testing.assert_allclose(
+            variable.numpy(), old - 0.3 * 1.9 * grad.numpy(),
+            rtol=1e-5, atol=1e-7)
+      assert float(outputs['train/supervised_loss']) == pytest.approx(
+          float(loss), rel=1e-5)
+      assert float(outputs['train/supervised_acc']) == pytest.approx(
+          accuracy)
+  for a, b in zip(results[False], results[True]):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+  assert any(np.abs(a - w).max() > 1e-6
+             for a, w in zip(results[True], weights))
+
+
+def test_head_on_clean_views_needs_a_pretraining_head():
+  strategy = _one_replica_strategy()
+  model = _build_model(strategy, True, lineareval_while_pretraining=False)
+  with strategy.scope():
+    optimizer = lars_optimizer.build_optimizer('lars', LR)
+  with pytest.raises(ValueError, match='head_on_clean_views'):
+    trainer_lib.Trainer(strategy, model, optimizer,
+                        obj_lib.SimCLR(temperature=0.2),
+                        _distributed(strategy, _dataset_arrays(n=B), B),
+                        head_on_clean_views=True)
+
+
 def test_linear_head_weight_decay_term_counts_both_groups():
   """LARS encoder (no explicit term of its own) + a head optimizer with
   wd 0.5: the term is 0.5·½‖head kernel and bias‖², as the step reports."""
