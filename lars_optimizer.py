@@ -169,7 +169,6 @@ def _check_choice(value, allowed, what):
                      f'{", ".join(allowed)}.')
 
 
-@tf_keras.utils.register_keras_serializable(package='simclr')
 def scale_learning_rate(base_learning_rate, train_batch_size,
                         learning_rate_scaling='linear'):
   """lr · B / 256 (linear) or lr · sqrt(B) (sqrt)."""
@@ -180,6 +179,7 @@ def scale_learning_rate(base_learning_rate, train_batch_size,
   return base_learning_rate * math.sqrt(train_batch_size)
 
 
+@tf_keras.utils.register_keras_serializable(package='simclr')
 class ConstantLearningRate(tf_keras.optimizers.schedules.LearningRateSchedule):
   """`scale_learning_rate(...)` at every step: no warm-up, no decay. For
   the linear head trained on clean views (--linear_head_schedule=constant),
@@ -208,6 +208,7 @@ class ConstantLearningRate(tf_keras.optimizers.schedules.LearningRateSchedule):
             'name': self._name}
 
 
+@tf_keras.utils.register_keras_serializable(package='simclr')
 class WarmUpAndCosineDecay(tf_keras.optimizers.schedules.LearningRateSchedule):
   """Linear warm-up from 0 to the scaled LR, then cosine decay to 0.
 

@@ -390,10 +390,11 @@ class Trainer(orbit.StandardTrainer):
       head_features = self.model.head_features(batch['clean_image'])
     terms = {}
     with tf.GradientTape() as tape:
-      projections, logits = self.model(
-          batch['image'], training=True,
-          head_on_views=not self.head_on_clean_views)
-      if head_features is not None:
+      if head_features is None:
+        projections, logits = self.model(batch['image'], training=True)
+      else:
+        projections, _ = self.model(batch['image'], training=True,
+                                    head_on_views=False)
         logits = self.model.supervised_logits(head_features, training=True)
       loss = tf.constant(0.0, self.loss_dtype)
       scalars = {}

@@ -4,6 +4,8 @@ r"""Representation quality of every objective at the same budget.
   python benchmarks/quality.py --dataset=<folder> --epochs=2    # any folder
   python benchmarks/quality.py --dataset=digits --epochs=1 --width=0.125 \
       --image_size=16 --linear_grid_size=3                     # seconds
+  python benchmarks/quality.py --epochs=8 --train_percent=20 \
+      --linear_grid_size=12      # README's CIFAR-10 result: 35 min, 2 cores
 
 Pretrains a ResNet (default ResNet-18, CIFAR stem, width --width, 0.25 by
 default so that a CPU runs it) with each registered objective of

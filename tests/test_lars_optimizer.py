@@ -289,6 +289,9 @@ def test_constant_schedule_is_the_scaled_rate_at_every_step():
     assert float(sqrt(step)) == pytest.approx(0.08)
   clone = lo.ConstantLearningRate.from_config(sqrt.get_config())
   assert clone.get_config() == sqrt.get_config()
+  restored = tf_keras.optimizers.schedules.deserialize(
+      tf_keras.optimizers.schedules.serialize(sqrt))
+  assert float(restored(3)) == pytest.approx(0.08)
   optimizer = lo.build_optimizer('adam', linear)
   variable = tf.Variable([1.0, 2.0])
   optimizer.apply_gradients([(tf.constant([1.0, 1.0]), variable)])

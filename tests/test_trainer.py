@@ -698,12 +698,14 @@ def test_step_finishes_views_that_carry_blur_sigma():
 # uncompiled steps round differently. In float64 they agree to ~3e-15 of
 # each tensor's scale after 3 steps here (~1e-12 with the ResNet-18 of
 # tests/test_experiment.py), except the bias of the Dense before BN: it
-# gets no gradient and holds rounding noise (~1e-17 apart), hence the atol.
+# gets no gradient and holds rounding noise (~1e-17 apart; in float16 up
+# to ~1.3e-5 apart on a CPU with native float16, AVX512-FP16, where that
+# bias's values are ~1e-5), hence the atol.
 # The loop's metrics are float32 means. Tolerance rule of
 # tests/test_multiworker.py: |a − b| ≤ atol + rtol·max|b| per tensor,
 # integers exactly.
 JIT_RTOL = {'float64': 1e-9, 'float16': 2e-2}
-JIT_ATOL = {'float64': 1e-12, 'float16': 1e-6}
+JIT_ATOL = {'float64': 1e-12, 'float16': 1e-4}
 # SimCLR: with the ResNet-18 in tests/test_experiment.py.
 JIT_OBJECTIVES = ('sogclr', 'fnc_in_batch', 'fnc', 'ifnd')
 
